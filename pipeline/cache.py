@@ -1,0 +1,216 @@
+"""Content-addressed, atomic on-disk cache of stage outputs.
+
+Layout under the cache root::
+
+    <stage>/<key>/           a committed entry: the stage's files + manifest.json (written last)
+    <stage>/.tmp-<key>-<pid>  an entry being committed (renamed into place when complete)
+    <stage>/.work-<key>/      scratch that survives a killed run (epoch checkpoints), so it resumes
+    fingerprints.json         memo of file hashes keyed by (path, size, mtime)
+
+A key is the sha256 of the canonical JSON of everything that shapes the result (see :func:`cache_key`).
+An entry whose manifest is missing, unreadable or disagrees with its files is a miss: it is logged,
+removed and rebuilt, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kdpipe")
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal data always gives equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def cache_key(payload: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a key payload."""
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def key_payload(
+    stage: str,
+    version: int,
+    config: dict[str, Any],
+    upstream: dict[str, str],
+    external: dict[str, Any],
+    libraries: dict[str, str],
+) -> dict[str, Any]:
+    """Everything a stage's result depends on, in the shape that is hashed."""
+    return {
+        "stage": stage,
+        "version": version,
+        "config": config,
+        "upstream": upstream,
+        "external": external,
+        "libraries": libraries,
+    }
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FingerprintMemo:
+    """Remembers file hashes by (path, size, mtime_ns) so unchanged large inputs are not re-read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._dirty = False
+        try:
+            self._memo: dict[str, list[Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._memo = {}
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        real = str(path.resolve())
+        hit = self._memo.get(real)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        digest = sha256_file(path)
+        self._memo[real] = [st.st_size, st.st_mtime_ns, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self._memo))
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+
+class Cache:
+    """The cache root. Stages never touch it: the runner does."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / f".work-{key}"
+
+    def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The manifest of a complete, intact entry, or None. A damaged entry is removed (a miss)."""
+        path = self.entry(stage, key)
+        if not path.exists():
+            return None
+        problem = _verify(path, key)
+        if problem is None:
+            return json.loads((path / MANIFEST).read_text())
+        log.warning("cache entry %s/%s is damaged (%s); it will be rebuilt", stage, key[:12], problem)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+    def is_cached(self, stage: str, key: str) -> bool:
+        """Cheap presence check for `kdpipe status` (a manifest that parses and names this key)."""
+        try:
+            manifest = json.loads((self.entry(stage, key) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        return manifest.get("key") == key
+
+    def staging_dir(self, stage: str, key: str) -> Path:
+        """A fresh folder to build an entry in; leftovers of killed runs of this key are swept."""
+        for old in (self.root / stage).glob(f".tmp-{key}-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = self.root / stage / f".tmp-{key}-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, stage: str, key: str, staging: Path, payload: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """Write the manifest last, then rename the staging folder into place (atomic on one filesystem)."""
+        files = {}
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+            rel = f.relative_to(staging).as_posix()
+            files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "stage": stage,
+            "key": key,
+            "payload": payload,
+            "files": files,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+        tmp_manifest = staging / f".{MANIFEST}.tmp"
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp_manifest, staging / MANIFEST)
+        final = self.entry(stage, key)
+        if final.exists():  # a concurrent run committed the same key; ours is identical by construction
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+        shutil.rmtree(self.work_dir(stage, key), ignore_errors=True)
+        return final
+
+    def abandon(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def clean(self, keep: dict[str, str] | None = None) -> int:
+        """Remove entries (all, or all but the ``keep`` stage→key map). Returns the number removed."""
+        removed = 0
+        if not self.root.exists():
+            return 0
+        for stage_dir in self.root.iterdir():
+            if not stage_dir.is_dir():
+                continue
+            for entry in stage_dir.iterdir():
+                if keep and keep.get(stage_dir.name) == entry.name:
+                    continue
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _verify(path: Path, key: str) -> str | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest: {exc}"
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return "manifest names another key"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "manifest lists no files"
+    for rel, info in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"missing file {rel}"
+        if f.stat().st_size != info.get("bytes") or sha256_file(f) != info.get("sha256"):
+            return f"file {rel} changed"
+    return None

@@ -1,0 +1,159 @@
+"""The ``kdpipe`` command line. Nothing here imports torch until a stage has to run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import KdpipeError
+
+STAGE_NAMES = ("teacher", "distill", "validate", "export", "benchmark")
+config_option = click.option(
+    "-c", "--config", "config_path", default="pipeline.yaml", show_default=True, type=click.Path(dir_okay=False),
+    help="Pipeline config file.",
+)  # fmt: skip
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. distill.train.epochs=3.",
+)
+
+
+def _load(config_path: str, overrides: tuple[str, ...] = ()):
+    from pipeline.config import load_config
+
+    return load_config(config_path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kdpipe")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """kdpipe: distil a big image classifier into a small, verified, benchmarked ONNX student.
+
+    Exit codes: 0 success, 1 a gate failed, 2 bad usage or input, 3 a stage failed.
+    """
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="kdpipe: %(levelname)s: %(message)s"
+    )
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Re-run this stage even if cached.")
+@click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (one line per epoch instead).")
+def run(
+    config_path: str, overrides: tuple[str, ...], force: tuple[str, ...], until: str | None, no_progress: bool
+) -> None:
+    """Run every stale stage, then write report.json in the output folder."""
+    from pipeline.runner import run_pipeline
+
+    cfg = _load(config_path, overrides)
+    report = run_pipeline(cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo)
+    student = report["models"].get("student", {})
+    top1 = student.get("accuracy", {}).get("top1")
+    summary = f"student test top-1 {top1:.4f}" if top1 is not None else "no test accuracy yet"
+    click.echo(f"report: {cfg.output_dir / 'report.json'} ({summary})")
+
+
+@cli.command()
+@config_option
+@set_option
+def status(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Show each stage as cached or stale, and why."""
+    from pipeline.runner import plan, read_last_run
+
+    cfg = _load(config_path, overrides)
+    for step in plan(cfg, read_last_run(cfg)):
+        state = "cached" if step.cached else "stale "
+        click.echo(f"{step.stage:<10} {state} {step.key[:12]}" + ("" if step.cached else f"  ({step.reason})"))
+
+
+@cli.command()
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["json", "md"]), default="md", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Render this report.json.")
+def report(config_path: str, fmt: str, output: str | None, report_path: str | None) -> None:
+    """Render the last run's report."""
+    from pipeline.report import load_report, render_markdown
+
+    cfg = _load(config_path)
+    data = load_report(cfg, report_path)
+    text = json.dumps(data, indent=2) + "\n" if fmt == "json" else render_markdown(data)
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text, nl=False)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if fmt == "md" and summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+@cli.command()
+@config_option
+@click.option("--keep-last", is_flag=True, help="Keep the entries of the last run.")
+def clean(config_path: str, keep_last: bool) -> None:
+    """Remove cached stage outputs (and the output folder unless --keep-last)."""
+    from pipeline.runner import clean as do_clean
+
+    removed = do_clean(_load(config_path), keep_last)
+    click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
+
+
+@cli.command()
+def models() -> None:
+    """List the model zoo's architectures (any torchvision classifier works too, as torchvision:NAME)."""
+    from pipeline.zoo import model_names
+
+    click.echo("\n".join(model_names()))
+    click.echo("torchvision:<name>  (any torchvision classification model)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps kdpipe's errors to one line and the exit-code contract."""
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="kdpipe", standalone_mode=False)
+    except KdpipeError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"kdpipe: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"kdpipe: error: {exc.format_message()}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("kdpipe: interrupted; a re-run resumes from the last completed epoch", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("kdpipe: interrupted; a re-run resumes from the last completed epoch", err=True)
+        return 130
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(
+            f"kdpipe: internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True
+        )
+        return 3
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The pipeline's config schema: strict pydantic models loaded from YAML with ``yaml.safe_load``.
+
+Every field has a default and a description. Unknown keys are errors. Any problem becomes one
+:class:`~pipeline.errors.ConfigError` naming the key path and the file. This module must not import
+torch: ``kdpipe status`` and config validation stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class Normalize(Section):
+    mean: list[float] = Field(description="Per-channel mean subtracted from pixels in [0, 1].")
+    std: list[float] = Field(description="Per-channel standard deviation pixels are divided by.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Normalize:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class Augment(Section):
+    random_crop_padding: int = Field(2, ge=0, description="Pad by this many pixels, then crop randomly back (0: off).")
+    horizontal_flip: bool = Field(True, description="Flip training images left-right with probability 0.5.")
+
+
+class Synthetic(Section):
+    num_classes: int = Field(4, ge=2, description="Classes of the synthetic dataset.")
+    channels: int = Field(1, ge=1, le=4, description="Image channels.")
+    image_size: int = Field(12, ge=4, description="Height and width in pixels.")
+    train_size: int = Field(512, ge=8, description="Training images (the validation split is taken from these).")
+    test_size: int = Field(128, ge=4, description="Test images.")
+
+
+class DataConfig(Section):
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = Field(
+        "fashion_mnist", description="Which dataset to use."
+    )
+    root: str | None = Field(
+        None,
+        description="Where the files are. fashion_mnist: then $KDPIPE_DATA, then Debian's dataset-fashion-mnist. "
+        "imagefolder: a folder holding train/ and test/ class folders.",
+    )
+    download: bool = Field(True, description="Let torchvision download the dataset when it is nowhere on disk.")
+    seed: int = Field(0, description="Seed of the train/val split and of the training subset.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of the training images held out (seeded) for model selection."
+    )
+    train_subset: int | None = Field(
+        None, gt=0, description="Use only this many training images (seeded choice, after the val split)."
+    )
+    image_size: int | None = Field(None, gt=0, description="imagefolder only: resize images to this square size.")
+    normalize: Normalize | None = Field(None, description="Normalisation; null uses the dataset's own statistics.")
+    augment: Augment = Field(default_factory=Augment, description="Training-time augmentation.")
+    synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the synthetic dataset.")
+
+
+# ------------------------------------------------------------------------------------------- training
+class TrainConfig(Section):
+    epochs: int = Field(5, gt=0, description="Training epochs.")
+    batch_size: int = Field(128, gt=0, description="Images per optimisation step.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimiser.")
+    lr: float = Field(0.05, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay.")
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs at which lr is multiplied.")
+    gamma: float = Field(0.1, gt=0, description="step schedule: the factor applied at each milestone.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs (cosine and step schedules).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (teacher).")
+    seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ValueError("warmup_epochs must be < epochs")
+        if any(m <= 0 for m in self.milestones):
+            raise ValueError("milestones must be > 0")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- stages
+class TeacherConfig(Section):
+    source: Literal["train", "checkpoint", "torchscript", "torchvision"] = Field(
+        "train",
+        description="train: from the recipe in `train`; checkpoint: a state_dict file for `arch`; "
+        "torchscript: a scripted/traced model file; torchvision: `arch` from torchvision with optional local weights.",
+    )
+    arch: str | None = Field("resnet20", description="Architecture name (`kdpipe models` lists them).")
+    path: str | None = Field(None, description="checkpoint / torchscript / torchvision weights file.")
+    allow_pickle: bool = Field(
+        False, description="Load `path` with weights_only=False. A pickle is code: only for files you trust."
+    )
+    feature_node: str | None = Field(
+        None, description="The fx node whose output is the last feature map; null finds the input of the global pool."
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe (source: train).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherConfig:
+        if self.source in ("checkpoint", "torchscript") and not self.path:
+            raise ValueError(f"source '{self.source}' needs `path`")
+        if self.source != "torchscript" and not self.arch:
+            raise ValueError(f"source '{self.source}' needs `arch`")
+        return self
+
+
+class DistillConfig(Section):
+    method: Literal["simkd"] = Field("simkd", description="Distillation method.")
+    student: str = Field("resnet8", description="Student architecture name.")
+    factor: int = Field(2, ge=1, description="SimKD projector bottleneck factor f (C_t / f hidden channels).")
+    student_feature_node: str | None = Field(None, description="Override of the student's last-feature-map node.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe of the student.")
+
+
+class ValidateConfig(Section):
+    batch_size: int = Field(256, gt=0, description="Evaluation batch size.")
+
+
+class ParityConfig(Section):
+    samples: int = Field(512, gt=0, description="Test images compared between ONNX Runtime and PyTorch.")
+    max_abs_diff: float = Field(1e-4, gt=0, description="Largest allowed absolute logit difference.")
+    min_top1_agreement: float = Field(0.999, ge=0, le=1, description="Smallest allowed top-1 agreement.")
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset version.")
+    exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter.")
+    teacher: bool = Field(True, description="Also export the teacher, for comparison.")
+    parity: ParityConfig = Field(default_factory=ParityConfig, description="ONNX Runtime vs PyTorch tolerances.")
+
+
+class BenchmarkConfig(Section):
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], description="ONNX Runtime execution providers, in order."
+    )
+    intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
+    warmup: int = Field(10, ge=0, description="Untimed runs first.")
+    min_runs: int = Field(50, ge=1, description="Time at least this many runs…")
+    min_seconds: float = Field(1.0, ge=0, description="…and for at least this long.")
+    max_seconds: float = Field(20.0, gt=0, description="Stop after this long whatever the count.")
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchmarkConfig:
+        if not self.batch_sizes or any(b <= 0 for b in self.batch_sizes):
+            raise ValueError("batch_sizes must be a non-empty list of sizes > 0")
+        if not self.providers:
+            raise ValueError("providers must not be empty")
+        return self
+
+
+class RuntimeConfig(Section):
+    """Settings that do not change results: never part of a cache key."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where PyTorch trains (auto: cuda if present).")
+    threads: int | None = Field(None, gt=0, description="torch.set_num_threads for training; null keeps the default.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class PipelineConfig(Section):
+    cache_dir: str = Field(".kdpipe", description="Cache folder, relative to the config file.")
+    output_dir: str = Field("kdpipe-out", description="Where report.json and the run's model files are written.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="teacher stage.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage.")
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="validate stage.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="export stage.")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="benchmark stage.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Result-neutral runtime settings.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LoadedConfig:
+    """A validated config plus where it came from (relative paths resolve against its folder)."""
+
+    def __init__(self, config: PipelineConfig, path: Path | None) -> None:
+        self.config = config
+        self.path = path
+        self.base = path.parent if path else Path.cwd()
+
+    @property
+    def source(self) -> str:
+        return self.path.name if self.path else "<config>"
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.resolve(self.config.cache_dir)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.config.output_dir)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A config section as plain JSON data (what goes into a cache key)."""
+        return getattr(self.config, "validate_" if name == "validate" else name).model_dump(mode="json")
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+    key = ".".join(loc)
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        known = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+        return key, f"unknown key{hint}"
+    messages = {
+        "greater_than": lambda: f"must be > {ctx.get('gt')}",
+        "greater_than_equal": lambda: f"must be >= {ctx.get('ge')}",
+        "less_than": lambda: f"must be < {ctx.get('lt')}",
+        "less_than_equal": lambda: f"must be <= {ctx.get('le')}",
+        "literal_error": lambda: f"must be one of {ctx.get('expected')}, got {err.get('input')!r}",
+        "missing": lambda: "is required",
+        "int_parsing": lambda: f"must be an integer, got {err.get('input')!r}",
+        "int_from_float": lambda: f"must be an integer, got {err.get('input')!r}",
+        "float_parsing": lambda: f"must be a number, got {err.get('input')!r}",
+        "bool_parsing": lambda: f"must be true or false, got {err.get('input')!r}",
+        "string_type": lambda: f"must be a string, got {err.get('input')!r}",
+        "list_type": lambda: f"must be a list, got {err.get('input')!r}",
+        "model_type": lambda: f"must be a mapping, got {err.get('input')!r}",
+        "dict_type": lambda: f"must be a mapping, got {err.get('input')!r}",
+    }
+    if kind in messages:
+        return key, messages[kind]()
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return key, msg
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def parse_config(data: Any, source: str | None = None) -> PipelineConfig:
+    """Validate plain data (as YAML gives it) into a :class:`PipelineConfig`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"the top level must be a mapping, got {type(data).__name__}", source)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        key, msg = _describe(errors[0], PipelineConfig)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise ConfigError(key, msg + more, source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
+    """Load and validate a YAML config file (``None``: the defaults), with ``key.path=value`` overrides."""
+    if path is None:
+        return LoadedConfig(parse_config(apply_overrides({}, list(overrides)), "--set"), None)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}; pass one with -c FILE")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("", f"{where}not valid YAML: {problem}", path.name) from None
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, list(overrides))
+    return LoadedConfig(parse_config(data, path.name), path.resolve())
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to raw config data."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("", f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "cannot set a key below a non-mapping value")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data

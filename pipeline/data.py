@@ -1,0 +1,240 @@
+"""Datasets as uint8 tensors in memory, a seeded train/val split, and batched augmentation.
+
+Small datasets (Fashion-MNIST, CIFAR) are loaded once as whole tensors; batches are cut, augmented
+(random crop with padding, horizontal flip) and normalised as tensors, never one PIL image at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import sources
+from pipeline.config import Augment, LoadedConfig
+from pipeline.errors import UsageError
+
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+KNOWN_STATS = {
+    "fashion_mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+}
+
+
+@dataclass
+class Dataset:
+    """A whole dataset in memory. Images are uint8 (N, C, H, W); labels int64 (N,)."""
+
+    name: str
+    classes: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Splits:
+    """Index views over a :class:`Dataset`: train and val are disjoint parts of its training set."""
+
+    data: Dataset
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+
+    @property
+    def val_x(self) -> torch.Tensor:
+        return self.data.train_x[self.val_idx]
+
+    @property
+    def val_y(self) -> torch.Tensor:
+        return self.data.train_y[self.val_idx]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise UsageError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise UsageError(f"{path}: truncated or damaged IDX file ({len(raw)} bytes, expected {expected})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def _fashion(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    f = sources.locate_fashion_mnist(cfg)
+    train_x = _read_idx(f["train-images-idx3-ubyte"])[:, None]
+    test_x = _read_idx(f["t10k-images-idx3-ubyte"])[:, None]
+    return (
+        FASHION_CLASSES,
+        train_x,
+        _read_idx(f["train-labels-idx1-ubyte"]),
+        test_x,
+        _read_idx(f["t10k-labels-idx1-ubyte"]),
+    )
+
+
+def _cifar(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from torchvision import datasets
+
+    folder = sources.locate_cifar(cfg)
+    cls = datasets.CIFAR10 if cfg.config.data.dataset == "cifar10" else datasets.CIFAR100
+    train, test = cls(str(folder.parent), train=True), cls(str(folder.parent), train=False)
+    to_chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
+    return list(train.classes), to_chw(train.data), np.array(train.targets), to_chw(test.data), np.array(test.targets)
+
+
+def _imagefolder(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    trees = sources.imagefolder_files(cfg)
+    classes = sorted({c for c, _ in trees["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    size = cfg.config.data.image_size
+    arrays = []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for cls, path in trees[split]:
+            if cls not in index:
+                raise UsageError(f"{path}: class '{cls}' is in test/ but not in train/")
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if size:
+                    im = im.resize((size, size))
+                images.append(np.asarray(im).transpose(2, 0, 1))
+            labels.append(index[cls])
+        shapes = {a.shape for a in images}
+        if len(shapes) > 1:
+            raise UsageError(f"data.image_size: images under {split}/ differ in size ({len(shapes)} sizes); set it")
+        arrays += [np.stack(images), np.array(labels)]
+    return classes, arrays[0], arrays[1], arrays[2], arrays[3]
+
+
+def _synthetic(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth, left-right symmetric class templates plus noise: learnable in a few steps even under
+    crop/flip augmentation, and fully determined by the config."""
+    s = cfg.config.data.synthetic
+    rng = np.random.default_rng(1234 + cfg.config.data.seed)
+    coarse = rng.uniform(0, 255, size=(s.num_classes, s.channels, 3, 3))
+    grid = np.linspace(0, 2, s.image_size)
+    i0 = np.minimum(grid.astype(int), 1)
+    w = (grid - i0)[None, None]  # bilinear upsampling of the 3x3 grid, one axis at a time
+    rows = coarse[:, :, i0] * (1 - w[..., None]) + coarse[:, :, i0 + 1] * w[..., None]
+    templates = rows[..., i0] * (1 - w[:, :, None]) + rows[..., i0 + 1] * w[:, :, None]
+    templates = (templates + templates[..., ::-1]) / 2
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, s.num_classes, size=n)
+        noise = rng.normal(0, 40, size=(n, s.channels, s.image_size, s.image_size))
+        return np.clip(templates[labels] + noise, 0, 255).astype(np.uint8), labels
+
+    train_x, train_y = make(s.train_size)
+    test_x, test_y = make(s.test_size)
+    return [f"class{i}" for i in range(s.num_classes)], train_x, train_y, test_x, test_y
+
+
+def load_dataset(cfg: LoadedConfig) -> Dataset:
+    """Load the configured dataset into memory."""
+    data = cfg.config.data
+    loader = {"fashion_mnist": _fashion, "synthetic": _synthetic, "imagefolder": _imagefolder}.get(data.dataset, _cifar)
+    classes, train_x, train_y, test_x, test_y = loader(cfg)
+    tx = torch.from_numpy(np.ascontiguousarray(train_x))
+    if data.normalize:
+        mean, std = list(data.normalize.mean), list(data.normalize.std)
+        if len(mean) != tx.shape[1]:
+            raise UsageError(f"data.normalize: {len(mean)} values for {tx.shape[1]}-channel images")
+    elif data.dataset in KNOWN_STATS:
+        mean, std = KNOWN_STATS[data.dataset]
+    else:
+        pixels = tx.float().div_(255).transpose(0, 1).reshape(tx.shape[1], -1)
+        mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+    return Dataset(
+        name=data.dataset,
+        classes=list(classes),
+        train_x=tx,
+        train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
+        mean=list(mean),
+        std=list(std),
+    )
+
+
+def make_splits(cfg: LoadedConfig, data: Dataset) -> Splits:
+    """Seeded split of the training set into train and val; the test split is never used for selection."""
+    conf = cfg.config.data
+    n = len(data.train_y)
+    g = torch.Generator().manual_seed(conf.seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, round(n * conf.val_fraction))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
+    if conf.train_subset is not None:
+        train_idx = train_idx[: conf.train_subset]
+    return Splits(data=data, train_idx=train_idx.sort().values, val_idx=val_idx)
+
+
+def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (or [0,1] float) images → normalised float32."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, conf: Augment, g: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once."""
+    b, _, h, w = x.shape
+    p = conf.random_crop_padding
+    if p:
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    if conf.horizontal_flip:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def train_batches(
+    splits: Splits, batch_size: int, seed: int, epoch: int, conf: Augment
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled, augmented, normalised training batches; a pure function of (seed, epoch) so runs resume exactly."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=g)]
+    data = splits.data
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on one image
+            continue
+        x = augment(data.train_x[idx], conf, g)
+        yield normalize(x, data.mean, data.std), data.train_y[idx]
+
+
+def steps_per_epoch(splits: Splits, batch_size: int) -> int:
+    n = len(splits.train_idx)
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)

@@ -1,0 +1,107 @@
+"""Loading and saving models between stages: teacher files, user checkpoints, shared data per run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.data import Dataset, Splits, load_dataset, make_splits
+from pipeline.errors import ConfigError
+from pipeline.zoo import count_parameters, create_model  # noqa: F401 - re-exported
+
+TEACHER_STATE = "teacher.pt"
+TEACHER_SCRIPT = "teacher.ts"
+TEACHER_SPEC = "teacher.json"
+
+
+def stage_data(ctx: Any) -> tuple[Dataset, Splits]:
+    """The dataset and its splits, loaded once per run and shared by the stages of that run."""
+    if "data" not in ctx.cache:
+        data = load_dataset(ctx.cfg)
+        ctx.cache["data"] = (data, make_splits(ctx.cfg, data))
+    return ctx.cache["data"]
+
+
+def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    for wrapper in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_file(path: Path, key: str, allow_pickle: bool, source: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``weights_only=True`` unless the user opted out; errors name the key and file."""
+    if not path.is_file():
+        raise ConfigError(key, f"file not found: {path}", source)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ConfigError(
+            key,
+            f"{path.name} is not a plain state_dict ({first}); if you trust the file, set teacher.allow_pickle: true",
+            source,
+        ) from None
+    except Exception as exc:
+        raise ConfigError(
+            key, f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__})", source
+        ) from None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise ConfigError(key, f"{path.name} holds a {type(obj).__name__}, not a state_dict", source)
+    return _strip_prefixes(obj)
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], key: str, arch: str, source: str) -> None:
+    """Load ``state`` strictly; a mismatch is bad input, said in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(getattr(v, "shape", ()))]
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+            if keys
+        ]
+        raise ConfigError(key, f"the checkpoint does not fit '{arch}': {', '.join(parts)}", source)
+    model.load_state_dict(state)
+
+
+def load_teacher(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher committed by the teacher stage, in eval mode, and its spec."""
+    spec = json.loads((folder / TEACHER_SPEC).read_text())
+    if spec["format"] == "torchscript":
+        model = torch.jit.load(str(folder / TEACHER_SCRIPT), map_location="cpu")
+    else:
+        model = create_model(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"])
+        model.load_state_dict(torch.load(folder / TEACHER_STATE, map_location="cpu", weights_only=True))
+    return model.eval(), spec
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def check_classes(model: nn.Module, data: Dataset, key: str, source: str) -> None:
+    """The model must take the data's channels and emit one logit per class."""
+    with torch.no_grad():
+        try:
+            out = model.eval()(torch.zeros(2, *data.input_shape))
+        except Exception as exc:
+            raise ConfigError(key, f"the model fails on {tuple(data.input_shape)} inputs: {exc}", source) from None
+    if out.ndim != 2 or out.shape[1] != data.num_classes:
+        raise ConfigError(
+            key, f"the model gives {tuple(out.shape[1:])} outputs, the data has {data.num_classes} classes", source
+        )

@@ -1,0 +1,179 @@
+"""The run report: ``report.json`` is the machine contract (keys documented in the README); Markdown for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import LoadedConfig
+from pipeline.errors import UsageError
+
+SCHEMA_VERSION = 1
+DELIVERABLES = {"distill": ("student.pt", "student.json"), "export": ("student.onnx", "teacher.onnx")}
+
+
+def _metrics(cfg: LoadedConfig, record: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    info = record["stages"].get(stage)
+    if not info:
+        return None
+    path = cfg.cache_dir / stage / info["key"] / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """Assemble the report from the run record and each stage's metrics."""
+    from pipeline.runner import library_versions
+
+    teacher = _metrics(cfg, record, "teacher") or {}
+    distill = _metrics(cfg, record, "distill") or {}
+    validate = _metrics(cfg, record, "validate") or {}
+    export = _metrics(cfg, record, "export") or {}
+    bench = _metrics(cfg, record, "benchmark") or {}
+    models: dict[str, dict[str, Any]] = {}
+    for role, train in (("teacher", teacher), ("student", distill)):
+        if not train:
+            continue
+        entry: dict[str, Any] = {
+            "arch": train.get("arch") or train.get("student_arch"),
+            "parameters": train["parameters"]["total"] if role == "student" else train.get("parameters"),
+            "val_top1": train.get("best_val_top1"),
+        }
+        if role == "student":
+            entry["parameters_breakdown"] = train["parameters"]
+            entry["method"] = train.get("method")
+        if role in validate:
+            v = validate[role]
+            entry["accuracy"] = {k: v[k] for k in ("samples", "top1", "top5", "per_class_top1")}
+            if "agreement_with_teacher" in v:
+                entry["accuracy"]["agreement_with_teacher"] = v["agreement_with_teacher"]
+        if role in export.get("models", {}):
+            e = export["models"][role]
+            entry["onnx"] = {
+                "file": e["file"],
+                "file_bytes": e["bytes"],
+                "parameters": e["parameters"],
+                "opset": e["opset"],
+                "exporter": e["exporter"],
+                "parity": e["parity"],
+            }
+        if role in bench.get("results", {}):
+            entry["latency"] = bench["results"][role]
+        models[role] = entry
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kdpipe_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.get("finished", time.time()))),
+        "config_file": record.get("config_file"),
+        "dataset": teacher.get("data"),
+        "models": models,
+        "speedup_p50": bench.get("speedup_p50"),
+        "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads") if k in bench} or None,
+        "training": {
+            name: {k: m[k] for k in ("best_epoch", "best_val_top1", "images_per_second", "history") if k in m}
+            for name, m in (("teacher", teacher), ("distill", distill))
+            if m.get("history")
+        },
+        "stages": {
+            n: {"key": s["key"], "cached": s["cached"], "seconds": round(s["seconds"], 3)}
+            for n, s in record["stages"].items()
+        },
+        "versions": {
+            "python": platform.python_version(),
+            **library_versions(["torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy"]),
+        },
+        "gates": [],
+    }
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def publish(cfg: LoadedConfig, report: dict[str, Any], record: dict[str, Any]) -> Path:
+    """Write report.json, report.md and the deliverable model files into the output folder."""
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for stage, names in DELIVERABLES.items():
+        info = record["stages"].get(stage)
+        for name in names if info else ():
+            src = cfg.cache_dir / stage / info["key"] / name
+            if src.is_file():
+                _place(src, out / name)
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out / "report.json"
+
+
+def load_report(cfg: LoadedConfig, path: str | Path | None = None) -> dict[str, Any]:
+    """The last run's report (or ``path``); a missing or malformed file is bad input."""
+    target = Path(path) if path else cfg.output_dir / "report.json"
+    try:
+        report = json.loads(target.read_text())
+    except FileNotFoundError:
+        hint = "" if path else "; run `kdpipe run` first"
+        raise UsageError(f"no report at {target}{hint}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{target}: not a readable JSON report ({exc})") from None
+    if not isinstance(report, dict) or report.get("schema_version") != SCHEMA_VERSION:
+        raise UsageError(f"{target}: schema_version {report.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    return report
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A compact summary fit for a pull-request comment."""
+    lines = ["## kdpipe report", ""]
+    models = report.get("models", {})
+    batches = sorted({b for m in models.values() for b in m.get("latency", {})}, key=lambda b: int(b.split("_")[1]))
+    head = ["model", "arch", "params", "ONNX bytes", "test top-1", "top-5", "parity max|Δ|", "agreement"]
+    head += [f"p50 / p99 ms (b={b.split('_')[1]})" for b in batches]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in models.items():
+        acc, onnx = m.get("accuracy", {}), m.get("onnx", {})
+        parity = onnx.get("parity", {})
+        row = [
+            name,
+            str(m.get("arch")),
+            f"{m.get('parameters', 0):,}",
+            f"{onnx['file_bytes']:,}" if onnx else "–",
+            _pct(acc.get("top1")),
+            _pct(acc.get("top5")),
+            f"{parity['max_abs_diff']:.1e}" if parity else "–",
+            f"{parity['top1_agreement']:.4f}" if parity else "–",
+        ]
+        for b in batches:
+            lat = m.get("latency", {}).get(b)
+            row.append(f"{lat['p50_ms']:.3f} / {lat['p99_ms']:.3f}" if lat else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    student = models.get("student", {})
+    if "agreement_with_teacher" in student.get("accuracy", {}):
+        lines += [
+            "",
+            f"Student–teacher agreement on the test split: {_pct(student['accuracy']['agreement_with_teacher'])}.",
+        ]
+    if report.get("speedup_p50"):
+        sp = ", ".join(f"{v:.2f}× at batch {k.split('_')[1]}" for k, v in report["speedup_p50"].items())
+        lines.append(f"Student speed-up over the teacher (p50): {sp}.")
+    parts = [
+        f"{n} " + ("cached" if s["cached"] else f"ran {s['seconds']:.1f}s") for n, s in report.get("stages", {}).items()
+    ]
+    lines += ["", "Stages: " + ", ".join(parts) + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,227 @@
+"""The runner: plans cache keys, runs stale stages in order, commits their outputs, records the run.
+
+Planning (keys, hit or miss, why) needs no torch, so ``kdpipe status`` and an all-cached re-run are fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import Cache, FingerprintMemo, cache_key, key_payload
+from pipeline.config import LoadedConfig, load_config
+from pipeline.errors import KdpipeError, StageError, UsageError
+from pipeline.sources import dataset_fingerprint
+from stages import ORDER
+from stages.base import METRICS, STAGES, StageContext
+
+log = logging.getLogger("kdpipe")
+LAST_RUN = "last_run.json"
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@dataclass
+class Step:
+    """One stage of a plan: its key, what the key is made of, and whether the cache has it."""
+
+    stage: str
+    key: str
+    payload: dict[str, Any]
+    cached: bool
+    reason: str = ""
+    seconds: float = 0.0
+    ran: bool = False
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+def plan(cfg: LoadedConfig, previous: dict[str, Any] | None = None) -> list[Step]:
+    """Every stage's cache key, in order, and whether it is cached (and if not, why)."""
+    cache = Cache(cfg.cache_dir)
+    memo = FingerprintMemo(cfg.cache_dir / "fingerprints.json")
+    dataset: dict[str, Any] | None = None
+    keys: dict[str, str] = {}
+    steps = []
+    for name in ORDER:
+        stage = STAGES.get(name)()
+        external = stage.external(cfg, memo)
+        if stage.uses_data:
+            dataset = dataset if dataset is not None else dataset_fingerprint(cfg, memo)
+            external = {"dataset": dataset, **external}
+        payload = key_payload(
+            name,
+            stage.version,
+            stage.config(cfg),
+            {n: keys[n] for n in stage.needs},
+            external,
+            library_versions(stage.libraries),
+        )
+        keys[name] = cache_key(payload)
+        cached = cache.is_cached(name, keys[name])
+        old = ((previous or {}).get("stages") or {}).get(name, {}).get("payload")
+        reason = "" if cached else why_stale(payload, old)
+        steps.append(Step(name, keys[name], payload, cached, reason, inputs={n: keys[n] for n in stage.needs}))
+    memo.save()
+    return steps
+
+
+def why_stale(payload: dict[str, Any], old: dict[str, Any] | None) -> str:
+    """A short human reason: which config keys, upstream stages, files or versions changed."""
+    if not old:
+        return "not in the cache"
+    reasons = []
+    for path, (a, b) in _diff(old.get("config", {}), payload["config"]).items():
+        reasons.append(f"{path} {json.dumps(a)} → {json.dumps(b)}")
+    changed_up = [n for n in payload["upstream"] if old.get("upstream", {}).get(n) != payload["upstream"][n]]
+    if changed_up:
+        reasons.append("upstream " + ", ".join(changed_up) + " changed")
+    if old.get("external") != payload["external"]:
+        reasons.append("input files changed")
+    for lib, ver in payload["libraries"].items():
+        if old.get("libraries", {}).get(lib) != ver:
+            reasons.append(f"{lib} {old.get('libraries', {}).get(lib)} → {ver}")
+    if old.get("version") != payload["version"]:
+        reasons.append("stage code version changed")
+    return "; ".join(reasons) or "not in the cache (removed or damaged)"
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(a) | set(b)):
+            out.update(_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k))
+        return out
+    return {} if a == b else {prefix: (a, b)}
+
+
+def read_last_run(cfg: LoadedConfig) -> dict[str, Any] | None:
+    try:
+        return json.loads((cfg.cache_dir / LAST_RUN).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _configure_torch(cfg: LoadedConfig) -> None:
+    import torch
+
+    if cfg.config.runtime.threads:
+        torch.set_num_threads(cfg.config.runtime.threads)
+
+
+def run_pipeline(
+    config: str | Path | LoadedConfig | None = "pipeline.yaml",
+    force: Iterable[str] = (),
+    until: str | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stale stage (up to ``until``), then write and return the report.
+
+    Args:
+        config: a config file, an already loaded config, or None for the defaults.
+        force: stages to re-run even when cached.
+        until: stop after this stage.
+        progress: show progress bars (default: the config's ``runtime.progress``).
+        echo: where one-line status messages go.
+    """
+    from pipeline.report import build_report, publish
+
+    cfg = config if isinstance(config, LoadedConfig) else load_config(config)
+    for name in [*force, *([until] if until else [])]:
+        if name not in ORDER:
+            raise UsageError(f"unknown stage '{name}'; stages: {', '.join(ORDER)}")
+    progress = cfg.config.runtime.progress if progress is None else progress
+    previous = read_last_run(cfg)
+    steps = plan(cfg, previous)
+    if until:
+        steps = steps[: ORDER.index(until) + 1]
+    cache = Cache(cfg.cache_dir)
+    shared: dict[str, Any] = {}
+    started = time.time()
+    prepared = False
+    for step in steps:
+        manifest = None if step.stage in force else cache.lookup(step.stage, step.key)
+        if manifest is not None:
+            echo(f"✓ {step.stage:<9} cached  {step.key[:12]}")
+            continue
+        if not prepared:
+            _configure_torch(cfg)
+            prepared = True
+        why = "forced" if step.stage in force else (step.reason or "not in the cache")
+        echo(f"▶ {step.stage:<9} running {step.key[:12]} ({why})")
+        stage = STAGES.get(step.stage)()
+        staging = cache.staging_dir(step.stage, step.key)
+        work = cache.work_dir(step.stage, step.key)
+        work.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(
+            cfg=cfg,
+            inputs={n: cache.entry(n, k) for n, k in step.inputs.items()},
+            out_dir=staging,
+            work_dir=work,
+            log=echo,
+            progress=progress,
+            cache=shared,
+        )
+        t0 = time.perf_counter()
+        try:
+            metrics = stage.run(ctx)
+            (staging / METRICS).write_text(json.dumps(metrics, indent=2))
+        except KdpipeError:
+            cache.abandon(staging)
+            raise
+        except BaseException as exc:
+            cache.abandon(staging)
+            if isinstance(exc, Exception):
+                raise StageError(step.stage, f"{type(exc).__name__}: {exc}") from exc
+            raise
+        step.seconds = time.perf_counter() - t0
+        step.ran = True
+        cache.commit(step.stage, step.key, staging, step.payload, {"seconds": step.seconds})
+        echo(f"✓ {step.stage:<9} done    {step.key[:12]} in {step.seconds:.1f}s")
+    record = {
+        "config_file": str(cfg.path) if cfg.path else None,
+        "started": started,
+        "finished": time.time(),
+        "stages": {
+            s.stage: {"key": s.key, "cached": not s.ran, "seconds": s.seconds, "payload": s.payload} for s in steps
+        },
+    }
+    _write_json(cfg.cache_dir / LAST_RUN, record)
+    report = build_report(cfg, record)
+    publish(cfg, report, record)
+    return report
+
+
+def clean(cfg: LoadedConfig, keep_last: bool = False) -> int:
+    """Remove cache entries (all, or all but the last run's). Returns how many were removed."""
+    last = read_last_run(cfg) if keep_last else None
+    keep = {n: s["key"] for n, s in (last or {}).get("stages", {}).items()} if last else None
+    removed = Cache(cfg.cache_dir).clean(keep)
+    if not keep_last:
+        (cfg.cache_dir / LAST_RUN).unlink(missing_ok=True)
+        if cfg.output_dir.exists():
+            shutil.rmtree(cfg.output_dir)
+    return removed

@@ -1,0 +1,142 @@
+"""Where dataset files are, and their fingerprint. No torch here: `kdpipe status` uses it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import FingerprintMemo
+from pipeline.config import DataConfig, LoadedConfig
+from pipeline.errors import ConfigError, UsageError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _fashion_files(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files (gzipped or not) in ``folder`` or its torchvision layout, or None."""
+    for base in (folder, folder / "FashionMNIST" / "raw", folder / "fashion-mnist"):
+        found = {}
+        for name in FASHION_FILES:
+            for candidate in (base / f"{name}.gz", base / name):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+        if len(found) == len(FASHION_FILES):
+            return found
+    return None
+
+
+def default_download_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdpipe" / "data"
+
+
+def locate_fashion_mnist(cfg: LoadedConfig) -> dict[str, Path]:
+    """Configured root → $KDPIPE_DATA → Debian's dataset-fashion-mnist → torchvision download."""
+    data = cfg.config.data
+    tried: list[str] = []
+    candidates: list[Path] = []
+    if data.root:
+        candidates.append(cfg.resolve(data.root))
+    if os.environ.get("KDPIPE_DATA"):
+        candidates.append(Path(os.environ["KDPIPE_DATA"]))
+    candidates.append(DEBIAN_FASHION_MNIST)
+    candidates.append(default_download_root())
+    for folder in candidates:
+        tried.append(str(folder))
+        found = _fashion_files(folder)
+        if found:
+            return found
+    if data.download:
+        target = cfg.resolve(data.root) if data.root else default_download_root()
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(target), train=True, download=True)
+            FashionMNIST(str(target), train=False, download=True)
+        except Exception as exc:
+            tried.append(f"download into {target} ({type(exc).__name__})")
+        else:
+            found = _fashion_files(target)
+            if found:
+                return found
+    raise UsageError(
+        "Fashion-MNIST not found (looked in: " + "; ".join(tried) + "). "
+        "Install it with `apt-get install dataset-fashion-mnist`, or set data.root or $KDPIPE_DATA "
+        "to a folder holding the four *-ubyte.gz files."
+    )
+
+
+def locate_cifar(cfg: LoadedConfig) -> Path:
+    data = cfg.config.data
+    root = cfg.resolve(data.root) if data.root else default_download_root()
+    folder = root / CIFAR_DIRS[data.dataset]
+    if not folder.is_dir() and data.download:
+        try:
+            from torchvision import datasets
+
+            cls = datasets.CIFAR10 if data.dataset == "cifar10" else datasets.CIFAR100
+            cls(str(root), train=True, download=True)
+        except Exception as exc:
+            raise UsageError(
+                f"{data.dataset} not found in {root} and the download failed ({type(exc).__name__}); "
+                f"put the extracted '{CIFAR_DIRS[data.dataset]}' folder there or set data.root"
+            ) from None
+    if not folder.is_dir():
+        raise UsageError(f"{data.dataset} not found: no {folder}; set data.root or data.download: true")
+    return folder
+
+
+def imagefolder_files(cfg: LoadedConfig) -> dict[str, list[tuple[str, Path]]]:
+    """``{"train": [(class, path), ...], "test": [...]}`` of an ImageFolder tree."""
+    data = cfg.config.data
+    if not data.root:
+        raise ConfigError("data.root", "imagefolder needs a root folder holding train/ and test/", cfg.source)
+    root = cfg.resolve(data.root)
+    out: dict[str, list[tuple[str, Path]]] = {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise ConfigError("data.root", f"{folder} is not a folder (an ImageFolder tree needs {split}/)", cfg.source)
+        items = [
+            (cls.name, f)
+            for cls in sorted(p for p in folder.iterdir() if p.is_dir())
+            for f in sorted(cls.rglob("*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not items:
+            raise ConfigError("data.root", f"no images under {folder}/<class>/", cfg.source)
+        out[split] = items
+    return out
+
+
+def dataset_fingerprint(cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
+    """A fingerprint of the dataset's files: it changes when their content does."""
+    data: DataConfig = cfg.config.data
+    if data.dataset == "synthetic":
+        return {"dataset": "synthetic"}  # fully described by data.synthetic, which is in the key
+    if data.dataset == "fashion_mnist":
+        files = locate_fashion_mnist(cfg)
+        return {"dataset": data.dataset, "files": {n: memo.file(p) for n, p in sorted(files.items())}}
+    if data.dataset in CIFAR_DIRS:
+        folder = locate_cifar(cfg)
+        return {
+            "dataset": data.dataset,
+            "files": {p.name: memo.file(p) for p in sorted(folder.iterdir()) if p.is_file()},
+        }
+    trees = imagefolder_files(cfg)
+    return {
+        "dataset": data.dataset,
+        "files": {
+            split: [[cls, p.relative_to(cfg.resolve(data.root)).as_posix(), memo.file(p)] for cls, p in items]
+            for split, items in trees.items()
+        },
+    }

@@ -1,0 +1,119 @@
+"""teacher: train one from a recipe, or load a checkpoint, TorchScript file or torchvision architecture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Any
+
+from pipeline.cache import FingerprintMemo
+from pipeline.config import LoadedConfig
+from pipeline.errors import ConfigError
+from stages.base import STAGES, Stage, StageContext
+
+
+@STAGES.register("teacher")
+class TeacherStage(Stage):
+    name = "teacher"
+    version = 1
+    uses_data = True
+
+    def config(self, cfg: LoadedConfig) -> dict[str, Any]:
+        section = super().config(cfg)
+        if cfg.config.teacher.source != "train":  # the recipe does not shape a loaded teacher
+            section["teacher"].pop("train")
+        return section
+
+    def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
+        conf = cfg.config.teacher
+        if conf.path and conf.source != "train":
+            path = cfg.resolve(conf.path)
+            if not path.is_file():
+                raise ConfigError("teacher.path", f"file not found: {path}", cfg.source)
+            return {"teacher_file": memo.file(path)}
+        return {}
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        import torch
+        from torch import nn
+
+        from pipeline.models import (
+            TEACHER_SCRIPT,
+            TEACHER_SPEC,
+            TEACHER_STATE,
+            check_classes,
+            count_parameters,
+            load_into,
+            load_state_dict_file,
+            stage_data,
+        )
+        from pipeline.training import accuracy, fit, pick_device, predict
+        from pipeline.zoo import create_model
+
+        cfg, conf = ctx.cfg, ctx.cfg.config.teacher
+        data, splits = stage_data(ctx)
+        device = pick_device(cfg.config.runtime.device)
+        spec: dict[str, Any] = {
+            "arch": conf.arch,
+            "source": conf.source,
+            "num_classes": data.num_classes,
+            "in_channels": data.input_shape[0],
+            "input_shape": list(data.input_shape),
+            "classes": data.classes,
+            "feature_node": conf.feature_node,
+            "format": "torchscript" if conf.source == "torchscript" else "state_dict",
+        }
+        metrics: dict[str, Any] = {
+            "arch": conf.arch,
+            "source": conf.source,
+            "data": {
+                "name": data.name,
+                "classes": data.classes,
+                "input_shape": list(data.input_shape),
+                "train_images": len(splits.train_idx),
+                "val_images": len(splits.val_idx),
+                "test_images": len(data.test_y),
+            },
+        }
+        t0 = time.perf_counter()
+        if conf.source == "torchscript":
+            path = cfg.resolve(conf.path or "")
+            try:
+                model = torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:
+                msg = f"{path.name} is not a TorchScript file ({str(exc).strip().splitlines()[0][:120]})"
+                raise ConfigError("teacher.path", msg, cfg.source) from None
+            shutil.copyfile(path, ctx.out_dir / TEACHER_SCRIPT)
+            check_classes(model, data, "teacher.path", cfg.source)
+        else:
+            torch.manual_seed(conf.train.seed)  # the initialisation is part of the recipe
+            model = create_model(conf.arch or "", num_classes=data.num_classes, in_channels=data.input_shape[0])
+            if conf.source == "train":
+                criterion = nn.CrossEntropyLoss(label_smoothing=conf.train.label_smoothing)
+                result = fit(
+                    model=model,
+                    trainable=model,
+                    loss_fn=lambda x, y: criterion(model(x), y),
+                    splits=splits,
+                    conf=conf.train,
+                    augment=cfg.config.data.augment,
+                    work_dir=ctx.work_dir,
+                    device=device,
+                    desc=f"teacher {conf.arch}",
+                    progress=ctx.progress,
+                    log=ctx.log,
+                )
+                metrics.update({k: v for k, v in result.items() if k != "best_state"})
+            elif conf.path:
+                state = load_state_dict_file(cfg.resolve(conf.path), "teacher.path", conf.allow_pickle, cfg.source)
+                load_into(model, state, "teacher.path", conf.arch or "", cfg.source)
+            check_classes(model, data, "teacher.arch", cfg.source)
+            torch.save(model.cpu().state_dict(), ctx.out_dir / TEACHER_STATE)
+        model = model.cpu().eval()
+        if "best_val_top1" not in metrics:
+            logits = predict(model, splits.val_x, data.mean, data.std, 512, torch.device("cpu"))
+            metrics["best_val_top1"] = accuracy(logits, splits.val_y)
+        metrics.update(parameters=count_parameters(model), seconds=time.perf_counter() - t0)
+        (ctx.out_dir / TEACHER_SPEC).write_text(json.dumps(spec, indent=2))
+        return metrics

@@ -1,0 +1,35 @@
+"""validate: top-1/top-5 on the test split for teacher and student, per class, and their agreement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages.base import STAGES, Stage, StageContext
+
+
+@STAGES.register("validate")
+class ValidateStage(Stage):
+    name = "validate"
+    version = 1
+    needs = ("teacher", "distill")
+    uses_data = True
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from pipeline.models import load_teacher, stage_data
+        from pipeline.training import classification_metrics, pick_device, predict
+        from stages.simkd import load_student
+
+        data, _ = stage_data(ctx)
+        device = pick_device(ctx.cfg.config.runtime.device)
+        bs = ctx.cfg.config.validate_.batch_size
+        teacher, _ = load_teacher(ctx.inputs["teacher"])
+        student, _ = load_student(ctx.inputs["distill"])
+        logits = {
+            name: predict(model.to(device), data.test_x, data.mean, data.std, bs, device)
+            for name, model in (("teacher", teacher), ("student", student))
+        }
+        result = {name: classification_metrics(lg, data.test_y, data.classes) for name, lg in logits.items()}
+        agreement = (logits["teacher"].argmax(1) == logits["student"].argmax(1)).float().mean().item()
+        result["student"]["agreement_with_teacher"] = agreement
+        result["split"] = "test"
+        return result

@@ -1,0 +1,165 @@
+"""The CLI on a tiny synthetic pipeline: a full run, a re-run that runs no stage body, and the contracts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from stages import STAGES
+from tests.conftest import TINY, deep_merge
+
+KDPIPE = [sys.executable, "-c", "from pipeline.cli import entry; entry()"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One full cold run through the real console entry point, shared by the tests below."""
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+    out = subprocess.run([*KDPIPE, "run", "-c", "pipeline.yaml"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return root, out
+
+
+@pytest.fixture
+def project(first_run, tmp_path):
+    """A private copy of the first run's folder (config + warm cache)."""
+    root, _ = first_run
+    dst = tmp_path / "p"
+    shutil.copytree(root, dst)
+    return dst
+
+
+def forbid_stage_bodies(monkeypatch, allowed=()):
+    ran = []
+    for name in STAGES:
+        cls = STAGES.get(name)
+        real = cls.run
+
+        def fake(self, ctx, _name=name, _real=real):
+            ran.append(_name)
+            if _name not in allowed:
+                raise AssertionError(f"stage {_name} ran")
+            return _real(self, ctx)
+
+        monkeypatch.setattr(cls, "run", fake)
+    return ran
+
+
+def test_first_run_writes_the_report_contract(first_run):
+    root, out = first_run
+    assert out.stdout.count("running") == 5
+    report = json.loads((root / "kdpipe-out" / "report.json").read_text())
+    assert report["schema_version"] == 1
+    for role in ("teacher", "student"):
+        m = report["models"][role]
+        assert {"arch", "parameters", "accuracy", "onnx", "latency"} <= set(m)
+        assert 0 <= m["accuracy"]["top1"] <= m["accuracy"]["top5"] <= 1
+        assert m["onnx"]["parity"]["max_abs_diff"] <= 1e-4 and m["onnx"]["parity"]["top1_agreement"] >= 0.999
+        for batch in ("batch_1", "batch_4"):
+            lat = m["latency"][batch]
+            assert lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["throughput_ips"] > 0
+    student = report["models"]["student"]
+    assert student["parameters_breakdown"]["total"] == student["parameters"]
+    assert 0 <= student["accuracy"]["agreement_with_teacher"] <= 1
+    assert set(report["stages"]) == {"teacher", "distill", "validate", "export", "benchmark"}
+    assert not any(s["cached"] for s in report["stages"].values())
+    assert report["versions"]["torch"] and report["speedup_p50"]["batch_1"] > 0
+    for name in ("student.onnx", "teacher.onnx", "student.pt", "report.md"):
+        assert (root / "kdpipe-out" / name).is_file()
+
+
+def test_rerun_runs_no_stage_body(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    ran = forbid_stage_bodies(monkeypatch)
+    assert main(["run"]) == 0
+    assert ran == []
+    out = capsys.readouterr().out
+    assert out.count("cached") == 5
+    report = json.loads((project / "kdpipe-out" / "report.json").read_text())
+    assert all(s["cached"] for s in report["stages"].values())
+    assert main(["status"]) == 0
+    assert capsys.readouterr().out.count(" cached ") == 5
+
+
+def test_changing_a_benchmark_setting_reruns_only_benchmark(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    ran = forbid_stage_bodies(monkeypatch, allowed=("benchmark",))
+    assert main(["run", "--set", "benchmark.batch_sizes=[2]"]) == 0
+    assert ran == ["benchmark"]
+    assert "benchmark.batch_sizes [1, 4] → [2]" in capsys.readouterr().out
+
+
+def test_changing_distill_epochs_keeps_the_teacher(project, monkeypatch):
+    monkeypatch.chdir(project)
+    ran = forbid_stage_bodies(monkeypatch, allowed=("distill", "validate", "export", "benchmark"))
+    assert main(["run", "--set", "distill.train.epochs=1"]) == 0
+    assert ran == ["distill", "validate", "export", "benchmark"]
+
+
+def test_a_damaged_entry_is_rebuilt(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    entry = next(p for p in (project / ".kdpipe" / "validate").iterdir() if not p.name.startswith("."))
+    (entry / "metrics.json").write_text("{}")
+    ran = forbid_stage_bodies(monkeypatch, allowed=("validate",))
+    assert main(["run"]) == 0
+    assert ran == ["validate"]
+
+
+def test_misspelled_key_is_one_line_exit_2(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, {"distill": {"epochs": 3}})))
+    out = subprocess.run([*KDPIPE, "run"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr == "kdpipe: error: distill.epochs: unknown key; did you mean 'method'? (pipeline.yaml)\n" or (
+        out.stderr.startswith("kdpipe: error: distill.epochs: unknown key") and out.stderr.count("\n") == 1
+    )
+    assert not (tmp_path / ".kdpipe").exists()
+
+
+def test_parity_beyond_tolerance_fails_the_stage_with_both_figures(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    code = main(["run", "--set", "export.parity.max_abs_diff=1e-30"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "stage 'export' failed" in err and "> tolerance 1.0e-30" in err and err.count("\n") == 1
+    exports = [p for p in (project / ".kdpipe" / "export").iterdir() if not p.name.startswith(".")]
+    assert len(exports) == 1  # only the earlier good entry: nothing half-written
+
+
+def test_report_formats_and_clean(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["report", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schema_version"] == 1
+    summary = project / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    assert main(["report", "--format", "md"]) == 0
+    assert "| student |" in capsys.readouterr().out and "| student |" in summary.read_text()
+    assert main(["clean"]) == 0
+    assert main(["report"]) == 2
+    assert "run `kdpipe run` first" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_from_last_epoch(tmp_path):
+    config = deep_merge(TINY, {"teacher": {"train": {"epochs": 40}}})
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([*KDPIPE, "run", "--until", "teacher"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    work = tmp_path / ".kdpipe" / "teacher"
+    while time.time() < deadline and not list(work.glob(".work-*/epoch.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(work.glob(".work-*/epoch.pt")), "no epoch checkpoint was written"
+    assert not [p for p in work.iterdir() if not p.name.startswith(".")]  # nothing committed half
+    out = subprocess.run([*KDPIPE, "run", "--until", "teacher"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "resuming after epoch" in out.stdout
+    assert not list(work.glob(".work-*")) and not list(work.glob(".tmp-*"))

@@ -1,0 +1,71 @@
+import torch
+from torch import nn
+
+from pipeline.split import split_model
+from pipeline.zoo import create_model
+from stages.simkd import Projector, SimKDLoss, SimKDStudent, build_student, spec_shapes
+
+
+def test_projector_is_the_papers():
+    p = Projector(64, 256, factor=2)
+    convs = [m for m in p if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (64, 128, (1, 1)), (128, 128, (3, 3)), (128, 256, (1, 1)),
+    ]  # fmt: skip
+    assert all(c.bias is None for c in convs)
+    assert [type(m).__name__ for m in p][:3] == ["Conv2d", "BatchNorm2d", "ReLU"] and len(p) == 9
+    assert sum(c.out_channels for c in Projector(64, 256, factor=4) if isinstance(c, nn.Conv2d)) == 64 + 64 + 256
+
+
+def _pair(student="tiny_cnn", teacher="tiny_cnn_wide", size=16):
+    x = torch.randn(4, 1, size, size)
+    t_model = create_model(teacher, num_classes=3, in_channels=1).eval()
+    t = split_model(t_model, x)
+    s = split_model(create_model(student, num_classes=3, in_channels=1), x)
+    shapes = spec_shapes(s.feature_shape, t.feature_shape)
+    model = SimKDStudent(s.body, Projector(s.feature_shape[0], t.feature_shape[0]), t.head, shapes["student_pool_to"])
+    return x, t, model, shapes
+
+
+def test_student_reuses_the_frozen_teacher_head_and_only_mse_trains_body_and_projector():
+    x, t, student, shapes = _pair()
+    loss_fn = SimKDLoss(t.body, shapes["teacher_pool_to"])
+    head_before = {k: v.clone() for k, v in student.head.state_dict().items()}
+    student.train()
+    assert not student.head.training
+    loss = loss_fn(student, x)
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(student.features(x), t.body(x))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in student.body.parameters())
+    assert all(p.grad is not None for p in student.projector.parameters())
+    assert all(p.grad is None for p in student.head.parameters())
+    assert all(torch.equal(v, student.head.state_dict()[k]) for k, v in head_before.items())
+    student.eval()
+    torch.testing.assert_close(student(x), t.head(student.projector(student.body(x))))
+
+
+def test_the_larger_map_is_pooled_to_the_smaller():
+    # resnet8 keeps 7x7 at 28 px; mobilenetv2 ends at 2x2: the student map is pooled down before the projector
+    x = torch.randn(2, 1, 28, 28)
+    s = split_model(create_model("resnet8", 10, 1), x)
+    t = split_model(create_model("mobilenetv2", 10, 1), x)
+    shapes = spec_shapes(s.feature_shape, t.feature_shape)
+    assert shapes["student_pool_to"] == [2, 2] and shapes["teacher_pool_to"] is None
+    shapes = spec_shapes(t.feature_shape, s.feature_shape)
+    assert shapes["teacher_pool_to"] == [2, 2] and shapes["student_pool_to"] is None
+    model = SimKDStudent(s.body, Projector(s.feature_shape[0], t.feature_shape[0]), t.head, [2, 2]).eval()
+    assert model(x).shape == (2, 10)
+
+
+def test_rebuild_from_spec_without_the_teacher_checkpoint():
+    x, _, student, shapes = _pair()
+    spec = {
+        "student_arch": "tiny_cnn", "teacher_arch": "tiny_cnn_wide", "student_feature_node": None,
+        "teacher_feature_node": None, "factor": 2, "num_classes": 3, "in_channels": 1, "input_shape": [1, 16, 16],
+        **shapes,
+    }  # fmt: skip
+    rebuilt = build_student(spec)
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))
