@@ -28,6 +28,15 @@ set_option = click.option(
 )
 
 
+gate_option = click.option(
+    "--gate", "gates", multiple=True, metavar="EXPR",
+    help="An extra gate, e.g. 'student.top1 >= 0.9' or 'student.p90_ms@1 <= 2.5'.",
+)  # fmt: skip
+baseline_option = click.option(
+    "--baseline", type=click.Path(dir_okay=False), help="A previous report.json to check regressions against."
+)
+
+
 def _load(config_path: str, overrides: tuple[str, ...] = ()):
     from pipeline.config import load_config
 
@@ -55,14 +64,25 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Re-run this stage even if cached.")
 @click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per epoch instead).")
+@gate_option
+@baseline_option
 def run(
-    config_path: str, overrides: tuple[str, ...], force: tuple[str, ...], until: str | None, no_progress: bool
+    config_path: str,
+    overrides: tuple[str, ...],
+    force: tuple[str, ...],
+    until: str | None,
+    no_progress: bool,
+    gates: tuple[str, ...],
+    baseline: str | None,
 ) -> None:
-    """Run every stale stage, then write report.json in the output folder."""
+    """Run every stale stage, write report.json in the output folder, then evaluate the gates (exit 1 on failure)."""
     from pipeline.runner import run_pipeline
 
     cfg = _load(config_path, overrides)
-    report = run_pipeline(cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo)
+    report = run_pipeline(
+        cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
+        baseline=baseline,
+    )  # fmt: skip
     student = report["models"].get("student", {})
     top1 = student.get("accuracy", {}).get("top1")
     summary = f"student test top-1 {top1:.4f}" if top1 is not None else "no test accuracy yet"
@@ -84,24 +104,64 @@ def status(config_path: str, overrides: tuple[str, ...]) -> None:
 
 @cli.command()
 @config_option
-@click.option("--format", "fmt", type=click.Choice(["json", "md"]), default="md", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "md", "junit", "html"]), default="md", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Render this report.json.")
 def report(config_path: str, fmt: str, output: str | None, report_path: str | None) -> None:
-    """Render the last run's report."""
+    """Render the last run's report (json, md, junit or a self-contained html file)."""
     from pipeline.report import load_report, render_markdown
 
     cfg = _load(config_path)
     data = load_report(cfg, report_path)
-    text = json.dumps(data, indent=2) + "\n" if fmt == "json" else render_markdown(data)
+    if fmt == "json":
+        text = json.dumps(data, indent=2) + "\n"
+    elif fmt == "md":
+        text = render_markdown(data)
+    elif fmt == "junit":
+        from pipeline.junit import render_junit
+
+        text = render_junit(data)
+    else:
+        from pipeline.html_report import render_html
+
+        text = render_html(data)
     if output:
-        Path(output).write_text(text)
+        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, output)
     else:
         click.echo(text, nl=False)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if fmt == "md" and summary:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(text)
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Gate this report (default: last run).")
+@gate_option
+@baseline_option
+def gate(
+    config_path: str, overrides: tuple[str, ...], report_path: str | None, gates: tuple[str, ...], baseline: str | None
+) -> None:
+    """Evaluate the gates on the last run (or --report FILE): exit 0 all pass, 1 any fails, 2 bad input."""
+    from pipeline.errors import GateFailure
+    from pipeline.gates import format_table, run_gates
+    from pipeline.report import load_report, write_reports
+
+    cfg = _load(config_path, overrides)
+    data = load_report(cfg, report_path)
+    old = load_report(cfg, baseline) if baseline else None
+    data["gates"] = run_gates(data, list(cfg.config.gates), gates, old, cfg.config.baseline)
+    click.echo(format_table(data["gates"]))
+    if report_path is None:
+        write_reports(cfg.output_dir, data)
+    failed = [g["name"] for g in data["gates"] if not g["passed"]]
+    if failed:
+        raise GateFailure(f"{len(failed)} gate{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
 
 
 @cli.command()

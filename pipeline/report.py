@@ -52,7 +52,7 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
             entry["method"] = train.get("method")
         if role in validate:
             v = validate[role]
-            entry["accuracy"] = {k: v[k] for k in ("samples", "top1", "top5", "per_class_top1")}
+            entry["accuracy"] = {k: v[k] for k in ("samples", "top1", "top5", "per_class_top1", "confusion")}
             if "agreement_with_teacher" in v:
                 entry["accuracy"]["agreement_with_teacher"] = v["agreement_with_teacher"]
         if role in export.get("models", {}):
@@ -112,6 +112,12 @@ def publish(cfg: LoadedConfig, report: dict[str, Any], record: dict[str, Any]) -
             src = cfg.cache_dir / stage / info["key"] / name
             if src.is_file():
                 _place(src, out / name)
+    return write_reports(out, report)
+
+
+def write_reports(out: Path, report: dict[str, Any]) -> Path:
+    """report.json and report.md, each replaced atomically."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
@@ -140,10 +146,17 @@ def _pct(v: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """A compact summary fit for a pull-request comment."""
-    lines = ["## kdpipe report", ""]
+    gates = report.get("gates") or []
+    failed = [g for g in gates if not g["passed"]]
+    verdict = (
+        "no gates configured" if not gates
+        else f"❌ {len(failed)} of {len(gates)} gates failed" if failed
+        else f"✅ all {len(gates)} gates passed"
+    )  # fmt: skip
+    lines = ["## kdpipe report", "", f"**{verdict}**", ""]
     models = report.get("models", {})
     batches = sorted({b for m in models.values() for b in m.get("latency", {})}, key=lambda b: int(b.split("_")[1]))
-    head = ["model", "arch", "params", "ONNX bytes", "test top-1", "top-5", "parity max|Δ|", "agreement"]
+    head = ["model", "arch", "params", "ONNX bytes", "test top-1", "top-5", "parity max abs Δ", "agreement"]
     head += [f"p50 / p99 ms (b={b.split('_')[1]})" for b in batches]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.cache import Cache, FingerprintMemo, cache_key, key_payload
 from pipeline.config import LoadedConfig, load_config
-from pipeline.errors import KdpipeError, StageError, UsageError
+from pipeline.errors import ConfigError, GateFailure, KdpipeError, StageError, UsageError
 from pipeline.sources import dataset_fingerprint
 from stages import ORDER
 from stages.base import METRICS, STAGES, StageContext
@@ -124,11 +124,28 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _configure_torch(cfg: LoadedConfig) -> None:
+def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
+    """Before the first stage runs: set torch threads, and check model names so that a typo in
+    ``distill.student`` fails now rather than after the teacher has trained."""
     import torch
+
+    from pipeline.registry import UnknownNameError
+    from pipeline.zoo import create_model
 
     if cfg.config.runtime.threads:
         torch.set_num_threads(cfg.config.runtime.threads)
+    to_run = {s.stage for s in steps}
+    conf = cfg.config
+    names = []
+    if "teacher" in to_run and conf.teacher.source != "torchscript":
+        names.append(("teacher.arch", conf.teacher.arch or ""))
+    if "distill" in to_run:
+        names.append(("distill.student", conf.distill.student))
+    for key, name in names:
+        try:
+            create_model(name, num_classes=2, in_channels=1)
+        except UnknownNameError as exc:
+            raise ConfigError(key, str(exc), cfg.source) from None
 
 
 def run_pipeline(
@@ -137,6 +154,8 @@ def run_pipeline(
     until: str | None = None,
     progress: bool | None = None,
     echo: Callable[[str], None] = print,
+    gates: Iterable[str] = (),
+    baseline: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run every stale stage (up to ``until``), then write and return the report.
 
@@ -146,13 +165,24 @@ def run_pipeline(
         until: stop after this stage.
         progress: show progress bars (default: the config's ``runtime.progress``).
         echo: where one-line status messages go.
+        gates: extra ``MODEL.METRIC[@BATCH] >= VALUE`` gates besides the config's.
+        baseline: a previous report.json to check regressions against.
+
+    Returns:
+        The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
+        report when a gate failed.
     """
-    from pipeline.report import build_report, publish
+    from pipeline.gates import format_table, parse_gate, run_gates
+    from pipeline.report import build_report, load_report, publish
 
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
     for name in [*force, *([until] if until else [])]:
         if name not in ORDER:
             raise UsageError(f"unknown stage '{name}'; stages: {', '.join(ORDER)}")
+    gates = list(gates)
+    for expression in gates:  # bad gates are bad input: say so before any work
+        parse_gate(expression)
+    old_report = load_report(cfg, baseline) if baseline else None
     progress = cfg.config.runtime.progress if progress is None else progress
     previous = read_last_run(cfg)
     steps = plan(cfg, previous)
@@ -168,7 +198,7 @@ def run_pipeline(
             echo(f"✓ {step.stage:<9} cached  {step.key[:12]}")
             continue
         if not prepared:
-            _configure_torch(cfg)
+            _prepare(cfg, [s for s in steps if s.stage in force or not s.cached])
             prepared = True
         why = "forced" if step.stage in force else (step.reason or "not in the cache")
         echo(f"▶ {step.stage:<9} running {step.key[:12]} ({why})")
@@ -195,7 +225,8 @@ def run_pipeline(
         except BaseException as exc:
             cache.abandon(staging)
             if isinstance(exc, Exception):
-                raise StageError(step.stage, f"{type(exc).__name__}: {exc}") from exc
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                raise StageError(step.stage, f"{type(exc).__name__}: {first_line}") from exc
             raise
         step.seconds = time.perf_counter() - t0
         step.ran = True
@@ -211,7 +242,17 @@ def run_pipeline(
     }
     _write_json(cfg.cache_dir / LAST_RUN, record)
     report = build_report(cfg, record)
+    complete = until is None or until == ORDER[-1]
+    if not complete and (cfg.config.gates or gates or old_report):
+        echo(f"gates not evaluated: the run stopped after '{until}'")
+    elif cfg.config.gates or gates or old_report:
+        report["gates"] = run_gates(report, list(cfg.config.gates), gates, old_report, cfg.config.baseline)
     publish(cfg, report, record)
+    if report["gates"]:
+        echo(format_table(report["gates"]))
+    failed = [g["name"] for g in report["gates"] if not g["passed"]]
+    if failed:
+        raise GateFailure(f"{len(failed)} gate{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
     return report
 
 

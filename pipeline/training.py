@@ -116,6 +116,7 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     eval_batch_size: int = 512,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Train ``trainable``'s parameters to minimise ``loss_fn``; select ``model``'s epoch by val top-1.
 
@@ -124,6 +125,8 @@ def fit(
         trainable: the module whose parameters are optimised (and put in train mode); part of ``model``
             or equal to it.
         loss_fn: ``(x, y) -> loss`` for one normalised batch on ``device``.
+        channels_last: move the model and every batch to channels_last memory format (faster convolutions;
+            the caller converts any other module ``loss_fn`` uses).
 
     Returns:
         ``{"best_state", "best_val_top1", "best_epoch", "history", "images_per_second"}``; the model is
@@ -146,6 +149,8 @@ def fit(
         state = saved["state"]
         log(f"{desc}: resuming after epoch {state['epoch']}/{conf.epochs} from {ckpt}")
     model.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     bar = tqdm(
         total=conf.epochs * steps, initial=state["epoch"] * steps, desc=desc, unit="step",
         disable=not progress, dynamic_ncols=True, leave=False,
@@ -156,7 +161,8 @@ def fit(
             trainable.train()
             t0, total_loss, n = time.perf_counter(), 0.0, 0
             for x, y in train_batches(splits, conf.batch_size, conf.seed, epoch, augment):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                y = y.to(device, non_blocking=True)
                 loss = loss_fn(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -194,13 +200,15 @@ def fit(
                 },
                 ckpt,
             )
-            bar.write(
+            line = (
                 f"{desc} epoch {epoch + 1}/{conf.epochs}: loss {record['train_loss']:.4f}, val top-1 {val_top1:.4f}, "
                 f"{record['images_per_second']:.0f} img/s"
-            ) if progress else log(f"{desc} epoch {epoch + 1}/{conf.epochs}: val top-1 {val_top1:.4f}")
+            )
+            bar.write(line) if progress else log(line)
     finally:
         bar.close()
     model.load_state_dict(state["best_state"])
+    model.to(memory_format=torch.contiguous_format)
     done = state["history"]
     ips = sum(h["images_per_second"] * h["seconds"] for h in done) / max(1e-9, sum(h["seconds"] for h in done))
     return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.latency import benchmark_onnx
+from pipeline.latency import benchmark_models
 from stages.base import STAGES, Stage, StageContext, read_metrics
 
 
@@ -19,22 +19,19 @@ class BenchmarkStage(Stage):
         conf = ctx.cfg.config.benchmark
         exported = read_metrics(ctx.inputs["export"])
         shape = tuple(exported["input_shape"])
-        results: dict[str, Any] = {}
-        for name, info in exported["models"].items():
-            results[name] = {}
-            for bs in conf.batch_sizes:
-                ctx.log(f"benchmark {name} batch {bs}")
-                results[name][f"batch_{bs}"] = benchmark_onnx(
-                    ctx.inputs["export"] / info["file"],
-                    shape,
-                    bs,
-                    list(conf.providers),
-                    conf.intra_op_threads,
-                    conf.warmup,
-                    conf.min_runs,
-                    conf.min_seconds,
-                    conf.max_seconds,
-                )
+        results = benchmark_models(
+            {name: ctx.inputs["export"] / info["file"] for name, info in exported["models"].items()},
+            shape,
+            list(conf.batch_sizes),
+            list(conf.providers),
+            conf.intra_op_threads,
+            conf.warmup,
+            conf.min_runs,
+            conf.min_seconds,
+            conf.max_seconds,
+            rounds=conf.rounds,
+            log=ctx.log,
+        )
         speedup = {}
         if "teacher" in results and "student" in results:
             speedup = {b: results["teacher"][b]["p50_ms"] / results["student"][b]["p50_ms"] for b in results["student"]}

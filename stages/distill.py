@@ -62,6 +62,8 @@ class DistillStage(Stage):
         student = SimKDStudent(s.body, projector, frozen(t.head), spec["student_pool_to"])
         device = pick_device(cfg.config.runtime.device)
         criterion = SimKDLoss(frozen(t.body), spec["teacher_pool_to"]).to(device)
+        if cfg.config.runtime.channels_last:
+            criterion.to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         result = fit(
             model=student,
@@ -75,6 +77,7 @@ class DistillStage(Stage):
             desc=f"distill {conf.student}",
             progress=ctx.progress,
             log=ctx.log,
+            channels_last=cfg.config.runtime.channels_last,
         )
         torch.save(student.cpu().state_dict(), ctx.out_dir / STUDENT_STATE)
         (ctx.out_dir / STUDENT_SPEC).write_text(json.dumps(spec, indent=2))

@@ -103,6 +103,7 @@ class TeacherStage(Stage):
                     desc=f"teacher {conf.arch}",
                     progress=ctx.progress,
                     log=ctx.log,
+                    channels_last=cfg.config.runtime.channels_last,
                 )
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
             elif conf.path:

@@ -163,3 +163,35 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "resuming after epoch" in out.stdout
     assert not list(work.glob(".work-*")) and not list(work.glob(".tmp-*"))
+
+
+def test_gates_pass_then_a_tightened_one_fails_with_both_figures(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    config = yaml.safe_load((project / "pipeline.yaml").read_text())
+    config["gates"] = [
+        {"metric": "top1", "model": "student", "min": 0.0},
+        {"metric": "parity_max_abs_diff", "model": "student", "max": 1e-4},
+        {"metric": "p99_ms", "model": "student", "batch_size": 1, "max": 1000.0},
+    ]
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run"]) == 0
+    assert "3 passed, 0 failed" in capsys.readouterr().out
+    report = json.loads((project / "kdpipe-out" / "report.json").read_text())
+    assert [g["passed"] for g in report["gates"]] == [True, True, True]
+
+    code = main(["run", "--gate", "student.top1 >= 1.01"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "FAILED student.top1 >= 1.01: measured" in out and "misses >= 1.01" in out
+    assert err.startswith("kdpipe: error: 1 gate failed: student.top1 >= 1.01")
+    report = json.loads((project / "kdpipe-out" / "report.json").read_text())
+    assert report["gates"][-1]["passed"] is False  # the report says which gate failed
+
+    assert main(["gate", "--gate", "student.p99_ms@1 <= 0.000001"]) == 1
+    assert main(["gate"]) == 0
+    assert main(["gate", "--gate", "student.nope >= 1"]) == 2
+    assert main(["gate", "--baseline", str(project / "kdpipe-out" / "report.json")]) == 0
+    capsys.readouterr()
+    (project / "old.json").write_text(json.dumps({"schema_version": 99}))
+    assert main(["gate", "--baseline", "old.json"]) == 2
+    assert "schema_version 99, expected 1" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_impossible_value(tmp_path):
         ("export:\n  parity:\n    min_top1_agreement: 2\n", "export.parity.min_top1_agreement: must be <= 1"),
         ("teacher: {arch: [\n", "line 2: not valid YAML"),
         ("- 1\n", "the top level must be a mapping"),
-        ("bogus: 1\n", "bogus: unknown key; known keys: benchmark, cache_dir"),
+        ("bogus: 1\n", "bogus: unknown key; known keys: baseline, benchmark, cache_dir"),
     ],
 )
 def test_errors_are_one_line_naming_the_key(tmp_path, text, expected):
