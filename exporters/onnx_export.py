@@ -76,10 +76,7 @@ def export_onnx(
         # Should not happen with external_data=False, but never leave a file that depends on a sidecar.
         sidecar.unlink()
     if metadata:
-        del proto.metadata_props[:]
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = str(key), str(value)
+        _set_metadata(proto, metadata)
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -90,6 +87,22 @@ def export_onnx(
         "exporter": exporter,
         "parameters": _initializer_count(proto.graph),
     }
+
+
+def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+
+
+def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace the metadata_props of the ONNX file at ``path`` (atomically)."""
+    proto = onnx.load(str(path))
+    _set_metadata(proto, metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
 
 
 def onnx_parameter_count(path: Path) -> int:

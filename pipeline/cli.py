@@ -149,13 +149,14 @@ def gate(
 ) -> None:
     """Evaluate the gates on the last run (or --report FILE): exit 0 all pass, 1 any fails, 2 bad input."""
     from pipeline.errors import GateFailure
-    from pipeline.gates import format_table, run_gates
+    from pipeline.gates import format_table, parse_gate, recommend, run_gates
     from pipeline.report import load_report, write_reports
 
     cfg = _load(config_path, overrides)
     data = load_report(cfg, report_path)
     old = load_report(cfg, baseline) if baseline else None
     data["gates"] = run_gates(data, list(cfg.config.gates), gates, old, cfg.config.baseline)
+    data["deployment"] = recommend(data, [*cfg.config.gates, *(parse_gate(g) for g in gates)])
     click.echo(format_table(data["gates"]))
     if report_path is None:
         write_reports(cfg.output_dir, data)
@@ -182,6 +183,47 @@ def models() -> None:
 
     click.echo("\n".join(model_names()))
     click.echo("torchvision:<name>  (any torchvision classification model)")
+
+
+model_option = click.option(
+    "--model", "model_names", multiple=True, metavar="NAME", help="Only this model (repeatable; default: all exported)."
+)
+
+
+@cli.command()
+@click.option("-o", "--output", required=True, type=click.Path(), help="A new folder, or a FILE.tar.gz.")
+@config_option
+@model_option
+def bundle(output: str, config_path: str, model_names: tuple[str, ...]) -> None:
+    """Write an edge bundle of the last run: ONNX files, samples, a numpy+onnxruntime runner and its spec."""
+    from pipeline.bundle import make_bundle
+
+    out = make_bundle(_load(config_path), Path(output), list(model_names) or None)
+    click.echo(f"bundle: {out}  (on the device: python3 runner.py spec.json --out results.json)")
+
+
+@cli.command()
+@click.option("--target", required=True, metavar="ssh://user@host[:port]|local", help="Where to benchmark.")
+@config_option
+@model_option
+@click.option("--name", help="Key in report.json's `targets` (default: user@host:port, or 'local').")
+@click.option("--remote-python", help="Python on the target that has numpy and onnxruntime (default: python3).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds allowed for each step on the target.")
+def bench(
+    target: str,
+    config_path: str,
+    model_names: tuple[str, ...],
+    name: str | None,
+    remote_python: str | None,
+    timeout: float,
+) -> None:
+    """Benchmark the last run's ONNX models on another machine over ssh (or locally) and add them to report.json."""
+    from pipeline.remote import bench_target, format_results
+
+    cfg = _load(config_path)
+    key, results = bench_target(cfg, target, list(model_names) or None, name, remote_python, timeout)
+    click.echo(format_results(results))
+    click.echo(f"report: {cfg.output_dir / 'report.json'} (targets.{key})")
 
 
 def main(argv: list[str] | None = None) -> int:

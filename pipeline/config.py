@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -140,26 +140,44 @@ class ParityConfig(Section):
     min_top1_agreement: float = Field(0.999, ge=0, le=1, description="Smallest allowed top-1 agreement.")
 
 
+class QuantizationConfig(Section):
+    calibration_samples: int = Field(256, gt=0, description="Training images (not test) that calibrate int8_static.")
+    method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Calibration method.")
+    per_channel: bool = Field(True, description="Per-channel weight quantisation.")
+
+
 class ExportConfig(Section):
     opset: int = Field(18, ge=13, le=23, description="ONNX opset version.")
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter.")
     teacher: bool = Field(True, description="Also export the teacher, for comparison.")
     parity: ParityConfig = Field(default_factory=ParityConfig, description="ONNX Runtime vs PyTorch tolerances.")
+    variants: list[Literal["optimized", "fp16", "int8_dynamic", "int8_static"]] = Field(
+        default_factory=list,
+        description="Deployment variants of the student, each re-validated on the test split: ONNX Runtime "
+        "graph-optimised fp32, fp16, int8 dynamic, int8 static (QDQ, calibrated).",
+    )
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="int8_static settings.")
+    bundle_samples: int = Field(
+        64, ge=0, description="Test images saved with expected logits (samples.npz) for on-device parity checks."
+    )
 
 
 class BenchmarkConfig(Section):
     providers: list[str] = Field(
-        default_factory=lambda: ["CPUExecutionProvider"], description="ONNX Runtime execution providers, in order."
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime execution providers to measure, each on its own; the first is the headline. "
+        "'available' means every provider this onnxruntime offers.",
     )
-    intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
+    intra_op_threads: list[int] = Field(
+        default_factory=lambda: [1], description="ONNX Runtime intra-op thread counts; the first is the headline."
+    )
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
     warmup: int = Field(10, ge=0, description="Untimed runs first.")
     min_runs: int = Field(50, ge=1, description="Time at least this many runs…")
     min_seconds: float = Field(1.0, ge=0, description="…and for at least this long.")
     max_seconds: float = Field(20.0, gt=0, description="Stop after this long whatever the count.")
-    rounds: int = Field(
-        10, ge=1, description="Interleaved measurement rounds (the samples of noise-aware baseline comparisons)."
-    )
+    rounds: int = Field(10, ge=1, description="Measurement rounds (the samples of noise-aware baseline comparisons).")
+    pytorch_reference: bool = Field(True, description="Also time PyTorch eager teacher and student, as a reference.")
 
     @model_validator(mode="after")
     def _check(self) -> BenchmarkConfig:
@@ -167,7 +185,14 @@ class BenchmarkConfig(Section):
             raise ValueError("batch_sizes must be a non-empty list of sizes > 0")
         if not self.providers:
             raise ValueError("providers must not be empty")
+        if not self.intra_op_threads or any(t <= 0 for t in self.intra_op_threads):
+            raise ValueError("intra_op_threads must be a non-empty list of counts > 0")
         return self
+
+    @field_validator("intra_op_threads", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
 
 
 GateMetric = Literal[

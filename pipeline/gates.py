@@ -213,3 +213,49 @@ def format_table(verdicts: list[dict[str, Any]]) -> str:
     lines += [f"FAILED {v['name']}: {v['detail']}" for v in failed]
     lines.append(f"{len(verdicts) - len(failed)} passed, {len(failed)} failed")
     return "\n".join(lines)
+
+
+def recommend(report: dict[str, Any], gates: list[GateConfig]) -> dict[str, Any] | None:
+    """The fastest deployable model (student or one of its variants) that passes the student's gates.
+
+    The student's accuracy, latency and size gates are the deployment requirements, so each variant is
+    judged by them too (its parity is judged against the fp32 student, so the student's parity gates are
+    not carried over); a gate whose figure a variant lacks is listed as not applicable.
+    """
+    models = report.get("models", {})
+    candidates = [n for n in models if n == "student" or "variant" in models[n]]
+    if not candidates:
+        return None
+    rows = []
+    for name in candidates:
+        applicable = [g.model_copy(update={"model": name}) for g in gates if g.model == "student"]
+        applicable = [g for g in applicable if name == "student" or g.metric not in PARITY]
+        applicable += [g for g in gates if g.model == name and name != "student"]
+        failed, skipped = [], []
+        for g in applicable:
+            try:
+                (verdict,) = evaluate(report, [g])
+            except UsageError:
+                skipped.append(gate_name(g))
+                continue
+            if not verdict["passed"]:
+                failed.append(verdict["name"])
+        latency = models[name].get("latency", {})
+        batch = min(latency, key=lambda b: int(b.split("_")[1])) if latency else None
+        rows.append(
+            {
+                "model": name,
+                "passed": not failed,
+                "failed": failed,
+                "not_applicable": skipped,
+                "batch": batch,
+                "p90_ms": latency[batch]["p90_ms"] if batch else None,
+            }
+        )
+    passing = [r for r in rows if r["passed"] and r["p90_ms"] is not None]
+    best = min(passing, key=lambda r: r["p90_ms"]) if passing else None
+    return {
+        "recommended": best["model"] if best else None,
+        "criterion": "lowest p90 latency at the smallest batch among the models that pass the student's gates",
+        "candidates": rows,
+    }

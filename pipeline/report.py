@@ -15,7 +15,7 @@ from pipeline.config import LoadedConfig
 from pipeline.errors import UsageError
 
 SCHEMA_VERSION = 1
-DELIVERABLES = {"distill": ("student.pt", "student.json"), "export": ("student.onnx", "teacher.onnx")}
+DELIVERABLES = {"distill": ("student.pt", "student.json"), "export": ("*.onnx", "*.ranges.json", "samples.npz")}
 
 
 def _metrics(cfg: LoadedConfig, record: dict[str, Any], stage: str) -> dict[str, Any] | None:
@@ -65,9 +65,36 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
                 "exporter": e["exporter"],
                 "parity": e["parity"],
             }
-        if role in bench.get("results", {}):
-            entry["latency"] = bench["results"][role]
         models[role] = entry
+    for name, e in export.get("models", {}).items():
+        if name in models or "variant" not in e:
+            continue
+        models[name] = {
+            "arch": distill.get("student_arch"),
+            "variant": e["variant"],
+            "parameters": e["parameters"],
+            "accuracy": {**e["accuracy"], "agreement_with_fp32": e["parity"]["top1_agreement"]},
+            "onnx": {
+                "file_bytes": e["bytes"],
+                **{k: e[k] for k in ("file", "opset", "exporter", "parity", "parameters")},
+            },
+        }
+        if "quantization" in e:
+            models[name]["quantization"] = e["quantization"]
+    for name, entry in models.items():
+        if name in bench.get("results", {}):
+            entry["latency"] = bench["results"][name]
+            entry["latency_matrix"] = bench.get("matrix", {}).get(name, [])
+            if "batch_1" in entry["latency"]:
+                entry["single_stream_p90_ms"] = entry["latency"]["batch_1"]["p90_ms"]
+        if name in (bench.get("pytorch") or {}):
+            entry["pytorch_latency"] = bench["pytorch"][name]
+    fp32 = models.get("student", {}).get("latency", {})
+    for entry in models.values():
+        if "variant" in entry and "latency" in entry:
+            slower = [b for b, cell in entry["latency"].items() if b in fp32 and cell["p50_ms"] > fp32[b]["p50_ms"]]
+            entry["slower_than_fp32"] = bool(slower)
+            entry["slower_than_fp32_at"] = slower
     return {
         "schema_version": SCHEMA_VERSION,
         "kdpipe_version": __version__,
@@ -76,7 +103,8 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
         "dataset": teacher.get("data"),
         "models": models,
         "speedup_p50": bench.get("speedup_p50"),
-        "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads") if k in bench} or None,
+        "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads", "thread_counts", "host") if k in bench}
+        or None,
         "training": {
             name: {k: m[k] for k in ("best_epoch", "best_val_top1", "images_per_second", "history") if k in m}
             for name, m in (("teacher", teacher), ("distill", distill))
@@ -91,6 +119,7 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
             **library_versions(["torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy"]),
         },
         "gates": [],
+        "deployment": None,
     }
 
 
@@ -106,12 +135,11 @@ def publish(cfg: LoadedConfig, report: dict[str, Any], record: dict[str, Any]) -
     """Write report.json, report.md and the deliverable model files into the output folder."""
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    for stage, names in DELIVERABLES.items():
+    for stage, patterns in DELIVERABLES.items():
         info = record["stages"].get(stage)
-        for name in names if info else ():
-            src = cfg.cache_dir / stage / info["key"] / name
-            if src.is_file():
-                _place(src, out / name)
+        for pattern in patterns if info else ():
+            for src in sorted((cfg.cache_dir / stage / info["key"]).glob(pattern)):
+                _place(src, out / src.name)
     return write_reports(out, report)
 
 
@@ -157,13 +185,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     models = report.get("models", {})
     batches = sorted({b for m in models.values() for b in m.get("latency", {})}, key=lambda b: int(b.split("_")[1]))
     head = ["model", "arch", "params", "ONNX bytes", "test top-1", "top-5", "parity max abs Δ", "agreement"]
-    head += [f"p50 / p99 ms (b={b.split('_')[1]})" for b in batches]
+    head += [f"p50 / p90 / p99 ms (b={b.split('_')[1]})" for b in batches]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():
         acc, onnx = m.get("accuracy", {}), m.get("onnx", {})
         parity = onnx.get("parity", {})
+        flag = " ⚠ slower than fp32" if m.get("slower_than_fp32") else ""
         row = [
-            name,
+            name + flag,
             str(m.get("arch")),
             f"{m.get('parameters', 0):,}",
             f"{onnx['file_bytes']:,}" if onnx else "–",
@@ -174,8 +203,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         for b in batches:
             lat = m.get("latency", {}).get(b)
-            row.append(f"{lat['p50_ms']:.3f} / {lat['p99_ms']:.3f}" if lat else "–")
+            row.append(f"{lat['p50_ms']:.3f} / {lat['p90_ms']:.3f} / {lat['p99_ms']:.3f}" if lat else "–")
         lines.append("| " + " | ".join(row) + " |")
+    deployment = report.get("deployment") or {}
+    if deployment.get("recommended"):
+        best = next(c for c in deployment["candidates"] if c["model"] == deployment["recommended"])
+        lines += ["", f"Recommended deployment: **{best['model']}** (p90 {best['p90_ms']:.3f} ms at "
+                      f"batch {best['batch'].split('_')[1]}; fastest model passing the student's gates)."]  # fmt: skip
+    elif deployment:
+        lines += ["", "No student variant passes the student's gates."]
     student = models.get("student", {})
     if "agreement_with_teacher" in student.get("accuracy", {}):
         lines += [

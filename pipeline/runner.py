@@ -172,7 +172,7 @@ def run_pipeline(
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
         report when a gate failed.
     """
-    from pipeline.gates import format_table, parse_gate, run_gates
+    from pipeline.gates import format_table, parse_gate, recommend, run_gates
     from pipeline.report import build_report, load_report, publish
 
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
@@ -214,6 +214,7 @@ def run_pipeline(
             log=echo,
             progress=progress,
             cache=shared,
+            key=step.key,
         )
         t0 = time.perf_counter()
         try:
@@ -247,6 +248,8 @@ def run_pipeline(
         echo(f"gates not evaluated: the run stopped after '{until}'")
     elif cfg.config.gates or gates or old_report:
         report["gates"] = run_gates(report, list(cfg.config.gates), gates, old_report, cfg.config.baseline)
+    if complete:
+        report["deployment"] = recommend(report, [*cfg.config.gates, *(parse_gate(g) for g in gates)])
     publish(cfg, report, record)
     if report["gates"]:
         echo(format_table(report["gates"]))

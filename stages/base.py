@@ -38,6 +38,7 @@ class StageContext:
     log: Callable[[str], None] = print
     progress: bool = True
     cache: dict[str, Any] = field(default_factory=dict)  # in-process memo shared by stages of one run
+    key: str = ""  # this stage's cache key (stamped into exported files)
 
 
 class Stage(abc.ABC):

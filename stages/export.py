@@ -1,4 +1,10 @@
-"""export: the deployable student (and the teacher) to ONNX, checked, with parity verified on test images."""
+"""export: the deployable student (and the teacher) to ONNX with parity verified, plus re-validated variants.
+
+Variants (ONNX Runtime graph-optimised fp32, fp16, int8 dynamic, int8 static) are made from the fp32
+student and each is re-validated on the whole test split: top-1/top-5, and agreement and max abs
+difference against the fp32 student, so gates can refer to it. Every file carries metadata (classes,
+input shape and layout, mean/std, kdpipe version, this stage's cache key, the architectures).
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,37 @@ from typing import Any
 from pipeline import __version__
 from stages.base import STAGES, Stage, StageContext
 
+SAMPLES = "samples.npz"
+
 
 @STAGES.register("export")
 class ExportStage(Stage):
     name = "export"
-    version = 1
+    version = 2
     needs = ("teacher", "distill")
     uses_data = True
     libraries = ("torch", "onnx", "onnxruntime", "onnxscript")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from exporters.onnx_export import export_onnx
+        import numpy as np
+
+        from exporters.onnx_export import export_onnx, onnx_parameter_count, stamp_metadata
         from exporters.parity import assert_parity, check_parity
+        from exporters.variants import compare, evaluate_onnx, make_variant
         from pipeline.data import normalize
         from pipeline.models import load_teacher, stage_data
         from stages.simkd import load_student
 
         conf = ctx.cfg.config.export
-        data, _ = stage_data(ctx)
+        data, splits = stage_data(ctx)
         student, sspec = load_student(ctx.inputs["distill"])
         models = {"student": student}
         if conf.teacher:
             models["teacher"], _ = load_teacher(ctx.inputs["teacher"])
         images = normalize(data.test_x[: conf.parity.samples], data.mean, data.std)
-        example = images[:2].clone()
-        common = {
+        metadata = {
             "kdpipe_version": __version__,
+            "kdpipe_export_key": ctx.key,
             "classes": ",".join(data.classes),
             "input_shape": "N," + ",".join(map(str, data.input_shape)),
             "layout": "NCHW",
@@ -44,10 +55,65 @@ class ExportStage(Stage):
         out: dict[str, Any] = {"input_shape": list(data.input_shape), "models": {}}
         for name, model in models.items():
             path = ctx.out_dir / f"{name}.onnx"
-            info = export_onnx(model.float().eval(), path, example, conf.opset, conf.exporter, {**common, "role": name})
-            parity = check_parity(model, path, images)
-            assert_parity(parity, conf.parity.max_abs_diff, conf.parity.min_top1_agreement, path.name)
-            info["parity"] = parity
+            info = export_onnx(
+                model.float().eval(), path, images[:2].clone(), conf.opset, conf.exporter, {**metadata, "role": name}
+            )
+            info["parity"] = check_parity(model, path, images)
+            assert_parity(info["parity"], conf.parity.max_abs_diff, conf.parity.min_top1_agreement, path.name)
             info["torch_parameters"] = sum(p.numel() for p in model.parameters())
             out["models"][name] = info
+
+        test = normalize(data.test_x, data.mean, data.std).numpy()
+        labels = data.test_y.numpy()
+        expected = {}
+        if conf.variants:
+            reference = evaluate_onnx(ctx.out_dir / "student.onnx", test)
+            expected["student"] = reference
+            calibration = normalize(
+                data.train_x[splits.train_idx[: conf.quantization.calibration_samples]], data.mean, data.std
+            ).numpy()
+        for variant in conf.variants:
+            name = f"student-{variant}"
+            path = ctx.out_dir / f"{name}.onnx"
+            ctx.log(f"export {name}")
+            info = make_variant(
+                variant,
+                ctx.out_dir / "student.onnx",
+                path,
+                calibration=calibration if variant == "int8_static" else None,
+                method=conf.quantization.method,
+                per_channel=conf.quantization.per_channel,
+                ranges_path=ctx.out_dir / f"{name}.ranges.json" if variant == "int8_static" else None,
+            )
+            stamp_metadata(path, {**metadata, "role": name, "variant": variant})
+            logits = evaluate_onnx(path, test)
+            expected[name] = logits
+            result = compare(logits, reference, labels)
+            out["models"][name] = {
+                "file": path.name,
+                "bytes": path.stat().st_size,
+                "opset": conf.opset,
+                "exporter": f"{conf.exporter}+{variant}",
+                "variant": variant,
+                "parameters": onnx_parameter_count(path),
+                "parity": {
+                    "reference": "student.onnx",
+                    "samples": len(labels),
+                    **{k: result[k] for k in ("max_abs_diff", "mean_abs_diff", "top1_agreement")},
+                },
+                "accuracy": {"samples": len(labels), "top1": result["top1"], "top5": result["top5"]},
+                **({"quantization": info} if isinstance(info, dict) else {}),
+            }
+        if conf.bundle_samples:
+            n = conf.bundle_samples
+            sample_images = test[:n]
+            for name in out["models"]:
+                if name not in expected:
+                    expected[name] = evaluate_onnx(ctx.out_dir / out["models"][name]["file"], sample_images)
+            np.savez(
+                ctx.out_dir / SAMPLES,
+                images=sample_images,
+                labels=labels[:n],
+                **{f"expected_{k}": v[:n] for k, v in expected.items()},
+            )
         return out

@@ -17,7 +17,7 @@ TINY = {
     },
     "teacher": {"arch": "tiny_cnn_wide", "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
     "distill": {"student": "tiny_cnn", "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
-    "export": {"parity": {"samples": 32}},
+    "export": {"parity": {"samples": 32}, "bundle_samples": 8},
     "benchmark": {"batch_sizes": [1, 4], "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "max_seconds": 2.0},
     "runtime": {"threads": 1, "progress": False},
 }

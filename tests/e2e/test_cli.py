@@ -73,8 +73,42 @@ def test_first_run_writes_the_report_contract(first_run):
     assert set(report["stages"]) == {"teacher", "distill", "validate", "export", "benchmark"}
     assert not any(s["cached"] for s in report["stages"].values())
     assert report["versions"]["torch"] and report["speedup_p50"]["batch_1"] > 0
-    for name in ("student.onnx", "teacher.onnx", "student.pt", "report.md"):
+    for name in ("student.onnx", "teacher.onnx", "student.pt", "report.md", "samples.npz"):
         assert (root / "kdpipe-out" / name).is_file()
+    cell = student["latency_matrix"][0]
+    assert {"provider", "threads", "batch_size", "peak_rss_mb", "session_create_ms", "first_run_ms"} <= set(cell)
+    assert student["single_stream_p90_ms"] == student["latency"]["batch_1"]["p90_ms"]
+    assert student["pytorch_latency"]["batch_1"]["p50_ms"] > 0
+    assert report["deployment"]["recommended"] == "student"  # no variants, no gates
+
+
+def test_variants_are_revalidated_benchmarked_and_ranked(project, monkeypatch, capsys):
+    import onnx
+
+    monkeypatch.chdir(project)
+    variants = ["optimized", "fp16", "int8_dynamic", "int8_static"]
+    code = main([
+        "run", "--set", f"export.variants={variants}", "--set", "export.quantization.calibration_samples=32",
+        "--set", "benchmark.intra_op_threads=[1, 2]", "--gate", "student.top1 >= 0.0",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((project / "kdpipe-out" / "report.json").read_text())
+    for v in variants:
+        m = report["models"][f"student-{v}"]
+        assert m["variant"] == v and 0 <= m["accuracy"]["top1"] <= 1
+        assert 0 <= m["accuracy"]["agreement_with_fp32"] <= 1 and m["onnx"]["parity"]["max_abs_diff"] >= 0
+        assert isinstance(m["slower_than_fp32"], bool) and m["latency"]["batch_4"]["p90_ms"] > 0
+        assert {c["threads"] for c in m["latency_matrix"]} == {1, 2}
+        meta = {p.key: p.value for p in onnx.load(project / "kdpipe-out" / m["onnx"]["file"]).metadata_props}
+        assert meta["variant"] == v and meta["kdpipe_export_key"] == report["stages"]["export"]["key"]
+        assert meta["classes"].split(",") == report["dataset"]["classes"] and meta["layout"] == "NCHW"
+    assert report["models"]["student-optimized"]["onnx"]["parity"]["max_abs_diff"] < 1e-4
+    assert (project / "kdpipe-out" / "student-int8_static.ranges.json").is_file()
+    deployment = report["deployment"]
+    assert {c["model"] for c in deployment["candidates"]} == {"student", *(f"student-{v}" for v in variants)}
+    assert deployment["recommended"] in {c["model"] for c in deployment["candidates"] if c["passed"]}
+    # a variant can be gated by name
+    assert main(["gate", "--gate", "student-int8_static.top1 >= 0.0"]) == 0
 
 
 def test_rerun_runs_no_stage_body(project, monkeypatch, capsys):

@@ -49,7 +49,8 @@ def test_impossible_value(tmp_path):
     ("text", "expected"),
     [
         ("teacher:\n  source: s3\n", "teacher.source: must be one of"),
-        ("benchmark:\n  intra_op_threads: many\n", "benchmark.intra_op_threads: must be an integer, got 'many'"),
+        ("benchmark:\n  warmup: many\n", "benchmark.warmup: must be an integer, got 'many'"),
+        ("benchmark:\n  intra_op_threads: many\n", "benchmark.intra_op_threads: must be a list, got 'many'"),
         ("data: [1, 2]\n", "data: must be a mapping"),
         ("teacher:\n  source: checkpoint\n", "teacher: source 'checkpoint' needs `path`"),
         ("benchmark:\n  batch_sizes: []\n", "benchmark: batch_sizes must be a non-empty list"),
