@@ -103,6 +103,8 @@ def summarize(latencies_ms: Sequence[float], batch_size: int) -> dict[str, Any]:
     """Mean, population std, min/max and linear-interpolated percentiles; throughput in images per second."""
     import numpy as np
 
+    if len(latencies_ms) == 0:
+        raise ValueError("summarize needs at least one latency")
     values = np.asarray(latencies_ms, dtype=np.float64)
     p50, p90, p95, p99 = (float(p) for p in np.percentile(values, [50, 90, 95, 99]))
     mean = float(values.mean())

@@ -145,7 +145,8 @@ class Cache:
         files = {}
         for f in sorted(p for p in staging.rglob("*") if p.is_file()):
             rel = f.relative_to(staging).as_posix()
-            files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            st = f.stat()
+            files[rel] = {"bytes": st.st_size, "sha256": sha256_file(f), "mtime_ns": st.st_mtime_ns}
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "stage": stage,
@@ -155,7 +156,7 @@ class Cache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        tmp_manifest = staging / f".{MANIFEST}.tmp"
+        tmp_manifest = staging / f".{MANIFEST}.tmp"  # renaming the folder keeps every file's mtime
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp_manifest, staging / MANIFEST)
         final = self.entry(stage, key)
@@ -211,6 +212,11 @@ def _verify(path: Path, key: str) -> str | None:
         f = path / rel
         if not f.is_file():
             return f"missing file {rel}"
-        if f.stat().st_size != info.get("bytes") or sha256_file(f) != info.get("sha256"):
+        st = f.stat()
+        if st.st_size != info.get("bytes"):
+            return f"file {rel} changed"
+        # Like DVC and git, trust an untouched file (same size and mtime): re-hashing gigabytes of cached
+        # features on every run would make a cached re-run slow. A touched file is re-hashed.
+        if st.st_mtime_ns != info.get("mtime_ns") and sha256_file(f) != info.get("sha256"):
             return f"file {rel} changed"
     return None

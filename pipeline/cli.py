@@ -13,8 +13,9 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdpipeError
+from stages import ORDER  # light: stage declarations import no torch
 
-STAGE_NAMES = ("teacher", "distill", "validate", "export", "benchmark")
+STAGE_NAMES = ORDER
 config_option = click.option(
     "-c", "--config", "config_path", default="pipeline.yaml", show_default=True, type=click.Path(dir_okay=False),
     help="Pipeline config file.",

@@ -202,27 +202,86 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
     return (x - m) / s
 
 
-def augment(x: torch.Tensor, conf: Augment, g: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once."""
-    b, _, h, w = x.shape
+@dataclass
+class Batch:
+    """One training batch: normalised images, labels, their dataset indices and (with cached teacher
+    features) which precomputed augmented view of each image this is."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    view: torch.Tensor | None = None
+
+    def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
+        return Batch(
+            self.x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+            self.y.to(device, non_blocking=True),
+            self.index,
+            self.view,
+        )
+
+
+@dataclass
+class ViewTable:
+    """Fixed augmentation parameters of ``views`` views of every training image (rows: dataset index).
+
+    Cached teacher features are computed on exactly these views, so training can sample a view and
+    replay its crop and flip on the student's input.
+    """
+
+    oy: torch.Tensor  # (N, views) int, crop offsets
+    ox: torch.Tensor
+    flip: torch.Tensor  # (N, views) bool
+
+    @property
+    def views(self) -> int:
+        return self.oy.shape[1]
+
+
+def sample_params(n: int, conf: Augment, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crop offsets and flip flags for ``n`` images."""
+    p = conf.random_crop_padding
+    oy = torch.randint(0, 2 * p + 1, (n,), generator=g)
+    ox = torch.randint(0, 2 * p + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5 if conf.horizontal_flip else torch.zeros(n, dtype=torch.bool)
+    return oy, ox, flip
+
+
+def make_view_table(n: int, views: int, conf: Augment, seed: int) -> ViewTable:
+    """Seeded augmentation parameters of ``views`` views per image; view 0 is the plain image."""
+    g = torch.Generator().manual_seed(seed)
+    oy, ox, flip = (t.view(views, n).T.contiguous() for t in sample_params(n * views, conf, g))
+    oy[:, 0] = ox[:, 0] = conf.random_crop_padding
+    flip[:, 0] = False
+    return ViewTable(oy, ox, flip)
+
+
+def apply_params(
+    x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, conf: Augment
+) -> torch.Tensor:
+    """Crop (from the image zero-padded by ``random_crop_padding``) at the given offsets, then flip."""
+    b, c, h, w = x.shape
     p = conf.random_crop_padding
     if p:
         padded = torch.nn.functional.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (b,), generator=g)
-        ox = torch.randint(0, 2 * p + 1, (b,), generator=g)
         rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-    if conf.horizontal_flip:
-        flip = torch.rand(b, generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+        x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def augment(x: torch.Tensor, conf: Augment, g: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once."""
+    return apply_params(x, *sample_params(len(x), conf, g), conf)
 
 
 def train_batches(
-    splits: Splits, batch_size: int, seed: int, epoch: int, conf: Augment
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented, normalised training batches; a pure function of (seed, epoch) so runs resume exactly."""
+    splits: Splits, batch_size: int, seed: int, epoch: int, conf: Augment, views: ViewTable | None = None
+) -> Iterator[Batch]:
+    """Shuffled, augmented, normalised training batches; a pure function of (seed, epoch) so runs resume exactly.
+
+    With ``views``, each image appears as one of its precomputed views (chosen at random), replayed exactly.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=g)]
     data = splits.data
@@ -230,8 +289,12 @@ def train_batches(
         idx = order[start : start + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on one image
             continue
-        x = augment(data.train_x[idx], conf, g)
-        yield normalize(x, data.mean, data.std), data.train_y[idx]
+        if views is None:
+            x, view = augment(data.train_x[idx], conf, g), None
+        else:
+            view = torch.randint(0, views.views, (len(idx),), generator=g)
+            x = apply_params(data.train_x[idx], views.oy[idx, view], views.ox[idx, view], views.flip[idx, view], conf)
+        yield Batch(normalize(x, data.mean, data.std), data.train_y[idx], idx, view)
 
 
 def steps_per_epoch(splits: Splits, batch_size: int) -> int:

@@ -211,6 +211,35 @@ def _training(training: dict[str, Any]) -> Any | None:
     return fig
 
 
+def _methods(comparison: list[Any]) -> Any | None:
+    """Test top-1 per distillation method (same student, recipe and seed); the deployed one highlighted."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in comparison if isinstance(r, dict) and _num(r.get("test_top1")) is not None]
+    if not rows:
+        return None
+    names = [str(r.get("method", "?")) for r in rows]
+    values = [100 * float(r["test_top1"]) for r in rows]
+    colours = ["#0969da" if r.get("deployed") else "#8c959f" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(rows) + 2), 3.6))
+    bars = ax.bar(names, values, color=colours, width=0.6, zorder=3)
+    for bar, v in zip(bars, values, strict=True):
+        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), xytext=(0, 3), textcoords="offset points",
+                    ha="center", fontsize=9)  # fmt: skip
+    span = max(5.0, max(values) - min(values))  # zoom in on the differences, which are often a point or two
+    bottom = max(0.0, min(values) - span)
+    ax.set_ylim(bottom, min(100.0, max(values) + 0.2 * span) + 0.5)
+    for label, r in zip(ax.get_xticklabels(), rows, strict=True):
+        if r.get("deployed"):
+            label.set_fontweight("bold")
+    ax.set_ylabel("student test top-1 (%)")
+    note = "; the axis does not start at 0" if bottom > 0 else ""
+    ax.set_title(f"Distillation methods (same student, recipe, seed; deployed in blue{note})", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 def _confusion(models: dict[str, Any], classes: list[Any]) -> Any | None:
     import matplotlib.pyplot as plt
     import numpy as np
@@ -331,6 +360,8 @@ def render_html(report: dict[str, Any]) -> str:
         ("Training curves", lambda: _training(report.get("training") or {})),
         ("Confusion matrix", lambda: _confusion(models, classes)),
     ]
+    if report.get("comparison"):
+        plots.insert(1, ("Distillation methods", lambda: _methods(list(report["comparison"]))))
     figures, missing = [], []
     for name, draw in plots:
         fig = draw()

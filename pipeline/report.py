@@ -103,6 +103,7 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
         "dataset": teacher.get("data"),
         "models": models,
         "speedup_p50": bench.get("speedup_p50"),
+        "comparison": distill.get("comparison") or None,
         "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads", "thread_counts", "host") if k in bench}
         or None,
         "training": {
@@ -221,6 +222,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("speedup_p50"):
         sp = ", ".join(f"{v:.2f}× at batch {k.split('_')[1]}" for k, v in report["speedup_p50"].items())
         lines.append(f"Student speed-up over the teacher (p50): {sp}.")
+    comparison = report.get("comparison") or []
+    if comparison:
+        lines += ["", "Distillation methods (same student, recipe and seed; epoch chosen on val, top-1 on test):", ""]
+        lines += ["| method | student test top-1 | Δ vs scratch | time |", "|---|---|---|---|"]
+        for row in comparison:
+            name = f"**{row['method']}** (deployed)" if row.get("deployed") else row["method"]
+            delta = row.get("delta_vs_scratch")
+            delta_text = "–" if delta is None else f"{100 * delta:+.2f} pp"
+            lines.append(f"| {name} | {_pct(row.get('test_top1'))} | {delta_text} | {row.get('seconds', 0):.1f} s |")
     parts = [
         f"{n} " + ("cached" if s["cached"] else f"ran {s['seconds']:.1f}s") for n, s in report.get("stages", {}).items()
     ]

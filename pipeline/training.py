@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Augment, TrainConfig
-from pipeline.data import Splits, normalize, steps_per_epoch, train_batches
+from pipeline.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
 
 CHECKPOINT = "epoch.pt"
 
@@ -106,7 +106,7 @@ def fit(
     *,
     model: nn.Module,
     trainable: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[Batch], torch.Tensor],
     splits: Splits,
     conf: TrainConfig,
     augment: Augment,
@@ -117,6 +117,9 @@ def fit(
     log: Callable[[str], None] = print,
     eval_batch_size: int = 512,
     channels_last: bool = False,
+    views: ViewTable | None = None,
+    amp: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train ``trainable``'s parameters to minimise ``loss_fn``; select ``model``'s epoch by val top-1.
 
@@ -124,9 +127,12 @@ def fit(
         model: what is evaluated on the val split each epoch (and whose best weights are kept).
         trainable: the module whose parameters are optimised (and put in train mode); part of ``model``
             or equal to it.
-        loss_fn: ``(x, y) -> loss`` for one normalised batch on ``device``.
+        loss_fn: ``batch -> loss`` for one :class:`~pipeline.data.Batch` (images and labels on ``device``).
         channels_last: move the model and every batch to channels_last memory format (faster convolutions;
             the caller converts any other module ``loss_fn`` uses).
+        views: precomputed augmentation views (with cached teacher features): batches replay one of them.
+        amp: autocast ``loss_fn`` (bf16 on CPU; fp16 with a gradient scaler on CUDA).
+        compile: ``torch.compile`` the model in place (state_dict keys unchanged).
 
     Returns:
         ``{"best_state", "best_val_top1", "best_epoch", "history", "images_per_second"}``; the model is
@@ -140,17 +146,25 @@ def fit(
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_top1": -1.0, "best_epoch": 0, "best_state": None}
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / CHECKPOINT
+    scaler_state = None
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        scaler_state = saved.get("scaler")
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
         log(f"{desc}: resuming after epoch {state['epoch']}/{conf.epochs} from {ckpt}")
     model.to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
+    if compile:
+        model.compile()
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
     bar = tqdm(
         total=conf.epochs * steps, initial=state["epoch"] * steps, desc=desc, unit="step",
         disable=not progress, dynamic_ncols=True, leave=False,
@@ -160,16 +174,17 @@ def fit(
         for epoch in range(state["epoch"], conf.epochs):
             trainable.train()
             t0, total_loss, n = time.perf_counter(), 0.0, 0
-            for x, y in train_batches(splits, conf.batch_size, conf.seed, epoch, augment):
-                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                y = y.to(device, non_blocking=True)
-                loss = loss_fn(x, y)
+            for batch in train_batches(splits, conf.batch_size, conf.seed, epoch, augment, views):
+                batch = batch.to(device, fmt)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    loss = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
-                total_loss += loss.item() * len(y)
-                n += len(y)
+                total_loss += loss.item() * len(batch.y)
+                n += len(batch.y)
                 bar.update(1)
                 elapsed = busy + time.perf_counter() - t0
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{(seen + n) / elapsed:.0f}")
@@ -196,6 +211,7 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict(),
                     "state": state,
                 },
                 ckpt,

@@ -1,8 +1,8 @@
 """The five stages, in the order they run. Importing this package registers them (and imports no torch)."""
 
-from stages import benchmark, distill, export, teacher, validate  # noqa: F401 - registration
+from stages import benchmark, distill, export, features, teacher, validate  # noqa: F401 - registration
 from stages.base import STAGES, Stage, StageContext
 
-ORDER = ("teacher", "distill", "validate", "export", "benchmark")
+ORDER = ("teacher", "features", "distill", "validate", "export", "benchmark")
 
 __all__ = ["ORDER", "STAGES", "Stage", "StageContext"]

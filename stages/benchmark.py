@@ -55,7 +55,7 @@ def pytorch_latency(ctx: StageContext, batch_sizes: list[int], threads: int) -> 
 
     from pipeline.latency import measure_session, summarize
     from pipeline.models import load_teacher
-    from stages.simkd import load_student
+    from stages.distillers import load_student
 
     conf = ctx.cfg.config.benchmark
     torch.set_num_threads(threads)

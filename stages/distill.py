@@ -1,92 +1,156 @@
-"""distill: train the student against the frozen teacher (SimKD) and save the deployable student."""
+"""distill: train the student against the frozen teacher and save the deployable student.
+
+The method (``distill.method``: simkd, kd, fitnet, scratch; see ``stages/distillers/``) builds the
+student and its loss; this stage feeds it the teacher signals it asks for per batch and trains it with
+the shared loop (resume from the work dir, selection on val). The signals come from the features stage's
+cache when ``features.enabled`` (every method then trains on its precomputed augmented views), otherwise
+from the teacher run online on each batch. ``distill.compare`` trains further methods
+with the same student, recipe and seed, each in its own work folder, and reports them all side by side
+(val top-1 selects the epoch, test top-1 is for reporting only); only ``distill.method``'s student is saved.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
-from stages.base import STAGES, Stage, StageContext
+from stages.base import STAGES, Stage, StageContext, read_metrics
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pipeline.data import Batch, Splits
+    from stages.distillers import Built, DataInfo, Distiller, TeacherParts
 
 
 @STAGES.register("distill")
 class DistillStage(Stage):
     name = "distill"
-    version = 1
-    needs = ("teacher",)
+    version = 2
+    needs = ("teacher", "features")
     uses_data = True
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from pipeline.models import frozen, load_teacher, stage_data
+        from pipeline.models import load_teacher, stage_data
         from pipeline.split import split_model
-        from pipeline.training import fit, pick_device
-        from pipeline.zoo import create_model
-        from stages.simkd import STUDENT_SPEC, STUDENT_STATE, Projector, SimKDLoss, SimKDStudent, spec_shapes
+        from pipeline.training import accuracy, pick_device, predict
+        from stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo, TeacherParts
 
         cfg, conf = ctx.cfg, ctx.cfg.config.distill
         data, splits = stage_data(ctx)
+        methods = {m: DISTILLERS.get(m)() for m in dict.fromkeys([conf.method, *conf.compare])}
         teacher, tspec = load_teacher(ctx.inputs["teacher"])
-        if tspec["format"] == "torchscript":
-            raise ConfigError(
-                "teacher.source",
-                "SimKD reuses the teacher's classifier, which cannot be cut out of a TorchScript file; "
-                "use source: checkpoint (or torchvision) with the architecture",
-                cfg.source,
-            )
-        example = torch.zeros(2, *data.input_shape)
-        t = split_model(teacher, example, tspec["feature_node"], what="teacher.feature_node")
-        torch.manual_seed(conf.train.seed)
-        s = split_model(
-            create_model(conf.student, num_classes=data.num_classes, in_channels=data.input_shape[0]),
-            example,
-            conf.student_feature_node,
-            what="distill.student",
-        )
-        spec = {
-            "method": conf.method,
-            "student_arch": conf.student,
-            "student_feature_node": s.node,
-            "teacher_arch": tspec["arch"],
-            "teacher_feature_node": t.node,
-            "factor": conf.factor,
-            "num_classes": data.num_classes,
-            "in_channels": data.input_shape[0],
-            "input_shape": list(data.input_shape),
-            "classes": data.classes,
-            **spec_shapes(s.feature_shape, t.feature_shape),
-        }
-        projector = Projector(s.feature_shape[0], t.feature_shape[0], conf.factor)
-        student = SimKDStudent(s.body, projector, frozen(t.head), spec["student_pool_to"])
+        info = DataInfo(data.num_classes, tuple(data.input_shape), list(data.classes))
+        split = None
+        need_features = [d for d in methods.values() if "features" in d.signals]
+        if need_features:
+            if tspec["format"] == "torchscript":
+                raise ConfigError(
+                    "teacher.source",
+                    f"{need_features[0].title} {need_features[0].why_features}, which cannot be cut out of a "
+                    "TorchScript file; use source: checkpoint (or torchvision) with the architecture "
+                    "(methods kd and scratch work with a TorchScript teacher)",
+                    cfg.source,
+                )
+            split = split_model(teacher, info.example(), tspec["feature_node"], what="teacher.feature_node")
+        parts = TeacherParts(tspec["arch"], split)
         device = pick_device(cfg.config.runtime.device)
-        criterion = SimKDLoss(frozen(t.body), spec["teacher_pool_to"]).to(device)
-        if cfg.config.runtime.channels_last:
-            criterion.to(memory_format=torch.channels_last)
-        t0 = time.perf_counter()
-        result = fit(
-            model=student,
-            trainable=student,
-            loss_fn=lambda x, y: criterion(student, x),
-            splits=splits,
-            conf=conf.train,
-            augment=cfg.config.data.augment,
-            work_dir=ctx.work_dir,
-            device=device,
-            desc=f"distill {conf.student}",
-            progress=ctx.progress,
-            log=ctx.log,
-            channels_last=cfg.config.runtime.channels_last,
-        )
-        torch.save(student.cpu().state_dict(), ctx.out_dir / STUDENT_STATE)
-        (ctx.out_dir / STUDENT_SPEC).write_text(json.dumps(spec, indent=2))
-        return {
-            "method": conf.method,
-            "student_arch": conf.student,
-            "teacher_arch": tspec["arch"],
-            "parameters": student.parameter_breakdown(),
-            "feature_nodes": {"student": s.node, "teacher": t.node},
-            "seconds": time.perf_counter() - t0,
-            **{k: v for k, v in result.items() if k != "best_state"},
-        }
+
+        metrics: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        for method, distiller in methods.items():
+            main = method == conf.method
+            work_dir = ctx.work_dir if main else ctx.work_dir / method
+            built, result = train_method(ctx, distiller, parts, teacher, info, splits, device, work_dir)
+            breakdown = distiller.parameter_breakdown(built)
+            if conf.compare:
+                logits = predict(built.model.to(device), data.test_x, data.mean, data.std, 512, device)
+                row = {
+                    "method": method,
+                    "deployed": main,
+                    "val_top1": result["best_val_top1"],
+                    "test_top1": accuracy(logits, data.test_y),
+                    "delta_vs_scratch": None,
+                    "seconds": sum(h["seconds"] for h in result["history"]),  # epochs' training time, resume-proof
+                    "parameters": breakdown["total"],
+                    "images_per_second": result["images_per_second"],
+                }
+                rows.append(row)
+                ctx.log(f"distill {method}: val top-1 {row['val_top1']:.4f}, test top-1 {row['test_top1']:.4f}")
+            if main:
+                torch.save(built.model.cpu().state_dict(), ctx.out_dir / STUDENT_STATE)
+                (ctx.out_dir / STUDENT_SPEC).write_text(json.dumps(built.spec, indent=2))
+                metrics = {
+                    "method": method,
+                    "student_arch": conf.student,
+                    "teacher_arch": tspec["arch"],
+                    "parameters": breakdown,
+                    "feature_nodes": {
+                        "student": built.spec.get("student_feature_node"),
+                        "teacher": built.spec.get("teacher_feature_node"),
+                    },
+                    **{k: v for k, v in result.items() if k != "best_state"},
+                }
+            del built, result
+        scratch = next((r for r in rows if r["method"] == "scratch"), None)
+        for row in rows if scratch else ():
+            row["delta_vs_scratch"] = row["test_top1"] - scratch["test_top1"]
+        return {**metrics, "comparison": rows}
+
+
+def train_method(
+    ctx: StageContext,
+    distiller: Distiller,
+    parts: TeacherParts,
+    teacher: nn.Module,
+    info: DataInfo,
+    splits: Splits,
+    device: torch.device,
+    work_dir: Path,
+) -> tuple[Built, dict[str, Any]]:
+    """Build ``distiller``'s student (seeded) and train it with the shared loop; the result adds ``seconds``."""
+    import torch
+
+    from pipeline.training import fit
+    from stages.distillers import OnlineTeacher
+
+    cfg, conf = ctx.cfg, ctx.cfg.config.distill
+    channels_last = cfg.config.runtime.channels_last
+    torch.manual_seed(conf.train.seed)  # every method starts from the same student initialisation
+    built = distiller.build(parts, conf.student, info, conf)
+    teacher_signals: Callable[[Batch], dict[str, torch.Tensor]] | None = None
+    views = None
+    if "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
+        from stages.features import CachedTeacher
+
+        cached = CachedTeacher(ctx.inputs["features"], device)
+        views = cached.views  # every method, even scratch, trains on the same precomputed views
+        teacher_signals = cached if distiller.signals else None
+    if teacher_signals is None:
+        teacher_signals = OnlineTeacher(teacher, parts.split, distiller.signals, device, channels_last)
+    t0 = time.perf_counter()
+    result = fit(
+        model=built.trainable,
+        trainable=built.trainable,
+        loss_fn=lambda b: distiller.loss(built, b, teacher_signals(b)),
+        splits=splits,
+        conf=conf.train,
+        augment=cfg.config.data.augment,
+        work_dir=work_dir,
+        device=device,
+        desc=f"distill {conf.student} ({distiller.name})",
+        progress=ctx.progress,
+        log=ctx.log,
+        channels_last=channels_last,
+        views=views,
+        amp=cfg.config.runtime.amp,
+        compile=cfg.config.runtime.compile,
+    )
+    return built, {**result, "seconds": time.perf_counter() - t0}

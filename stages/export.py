@@ -27,12 +27,12 @@ class ExportStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import numpy as np
 
-        from exporters.onnx_export import export_onnx, onnx_parameter_count, stamp_metadata
+        from exporters.onnx_export import export_onnx, stamp_metadata
         from exporters.parity import assert_parity, check_parity
         from exporters.variants import compare, evaluate_onnx, make_variant
         from pipeline.data import normalize
         from pipeline.models import load_teacher, stage_data
-        from stages.simkd import load_student
+        from stages.distillers import load_student
 
         conf = ctx.cfg.config.export
         data, splits = stage_data(ctx)
@@ -95,7 +95,7 @@ class ExportStage(Stage):
                 "opset": conf.opset,
                 "exporter": f"{conf.exporter}+{variant}",
                 "variant": variant,
-                "parameters": onnx_parameter_count(path),
+                "parameters": out["models"]["student"]["parameters"],  # same network; int8 weights are not floats
                 "parity": {
                     "reference": "student.onnx",
                     "samples": len(labels),

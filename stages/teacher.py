@@ -94,7 +94,7 @@ class TeacherStage(Stage):
                 result = fit(
                     model=model,
                     trainable=model,
-                    loss_fn=lambda x, y: criterion(model(x), y),
+                    loss_fn=lambda b: criterion(model(b.x), b.y),
                     splits=splits,
                     conf=conf.train,
                     augment=cfg.config.data.augment,
@@ -104,6 +104,8 @@ class TeacherStage(Stage):
                     progress=ctx.progress,
                     log=ctx.log,
                     channels_last=cfg.config.runtime.channels_last,
+                    amp=cfg.config.runtime.amp,
+                    compile=cfg.config.runtime.compile,
                 )
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
             elif conf.path:

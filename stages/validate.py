@@ -17,7 +17,7 @@ class ValidateStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from pipeline.models import load_teacher, stage_data
         from pipeline.training import classification_metrics, pick_device, predict
-        from stages.simkd import load_student
+        from stages.distillers import load_student
 
         data, _ = stage_data(ctx)
         device = pick_device(ctx.cfg.config.runtime.device)

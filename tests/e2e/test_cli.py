@@ -56,7 +56,7 @@ def forbid_stage_bodies(monkeypatch, allowed=()):
 
 def test_first_run_writes_the_report_contract(first_run):
     root, out = first_run
-    assert out.stdout.count("running") == 5
+    assert out.stdout.count("running") == 6
     report = json.loads((root / "kdpipe-out" / "report.json").read_text())
     assert report["schema_version"] == 1
     for role in ("teacher", "student"):
@@ -70,7 +70,7 @@ def test_first_run_writes_the_report_contract(first_run):
     student = report["models"]["student"]
     assert student["parameters_breakdown"]["total"] == student["parameters"]
     assert 0 <= student["accuracy"]["agreement_with_teacher"] <= 1
-    assert set(report["stages"]) == {"teacher", "distill", "validate", "export", "benchmark"}
+    assert set(report["stages"]) == {"teacher", "features", "distill", "validate", "export", "benchmark"}
     assert not any(s["cached"] for s in report["stages"].values())
     assert report["versions"]["torch"] and report["speedup_p50"]["batch_1"] > 0
     for name in ("student.onnx", "teacher.onnx", "student.pt", "report.md", "samples.npz"):
@@ -117,11 +117,11 @@ def test_rerun_runs_no_stage_body(project, monkeypatch, capsys):
     assert main(["run"]) == 0
     assert ran == []
     out = capsys.readouterr().out
-    assert out.count("cached") == 5
+    assert out.count("cached") == 6
     report = json.loads((project / "kdpipe-out" / "report.json").read_text())
     assert all(s["cached"] for s in report["stages"].values())
     assert main(["status"]) == 0
-    assert capsys.readouterr().out.count(" cached ") == 5
+    assert capsys.readouterr().out.count(" cached ") == 6
 
 
 def test_changing_a_benchmark_setting_reruns_only_benchmark(project, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Tests for exporters.onnx_export, exporters.parity and pipeline.latency.benchmark_onnx on a tiny conv net."""
+"""Tests for exporters.onnx_export and exporters.parity on a tiny conv net."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch import nn
 from exporters.onnx_export import export_onnx, onnx_parameter_count
 from exporters.parity import assert_parity, check_parity
 from pipeline.errors import StageError, UsageError
-from pipeline.latency import benchmark_onnx
 
 INPUT_SHAPE = (1, 8, 8)
 METADATA = {"kdpipe.model": "tiny", "kdpipe.num_classes": "3"}
@@ -120,29 +119,11 @@ def test_parity_agreement_failure_names_both_figures() -> None:
         assert_parity(result, max_abs_diff=1e-4, min_top1_agreement=0.999, what="student.onnx")
 
 
-def test_benchmark_onnx(exported: tuple) -> None:
-    _, path, _, _ = exported
-    stats = benchmark_onnx(
-        path,
-        INPUT_SHAPE,
-        batch_size=4,
-        providers=["CPUExecutionProvider"],
-        intra_op_threads=1,
-        warmup=2,
-        min_runs=5,
-        min_seconds=0.0,
-        max_seconds=5,
-    )
-    assert stats["runs"] >= 5
-    assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
-    assert stats["throughput_ips"] > 0
-    assert stats["session_create_ms"] > 0 and stats["first_run_ms"] > 0
-    assert stats["provider"] == "CPUExecutionProvider"
+def test_benchmark_rejects_unavailable_provider() -> None:
+    from stages.benchmark import providers_to_measure
 
-
-def test_benchmark_rejects_unavailable_provider(exported: tuple) -> None:
-    _, path, _, _ = exported
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDAExecutionProvider is available here")
     with pytest.raises(UsageError, match="CUDAExecutionProvider' is not available here"):
-        benchmark_onnx(path, INPUT_SHAPE, 1, ["CUDAExecutionProvider"], 1, 0, 1, 0.0, 1.0)
+        providers_to_measure(["CUDAExecutionProvider"])
+    assert providers_to_measure(["available"]) == ort.get_available_providers()

@@ -1,9 +1,11 @@
 import torch
 from torch import nn
 
+from pipeline.data import Batch
 from pipeline.split import split_model
 from pipeline.zoo import create_model
-from stages.simkd import Projector, SimKDLoss, SimKDStudent, build_student, spec_shapes
+from stages.distillers import Built, spec_shapes
+from stages.distillers.simkd import Projector, SimKD, SimKDStudent
 
 
 def test_projector_is_the_papers():
@@ -29,11 +31,13 @@ def _pair(student="tiny_cnn", teacher="tiny_cnn_wide", size=16):
 
 def test_student_reuses_the_frozen_teacher_head_and_only_mse_trains_body_and_projector():
     x, t, student, shapes = _pair()
-    loss_fn = SimKDLoss(t.body, shapes["teacher_pool_to"])
+    built = Built(model=student, trainable=student, spec={"teacher_pool_to": shapes["teacher_pool_to"]})
     head_before = {k: v.clone() for k, v in student.head.state_dict().items()}
     student.train()
     assert not student.head.training
-    loss = loss_fn(student, x)
+    with torch.no_grad():
+        teacher = {"features": t.body(x)}
+    loss = SimKD().loss(built, Batch(x, torch.zeros(len(x), dtype=torch.long), torch.arange(len(x))), teacher)
     with torch.no_grad():
         expected = nn.functional.mse_loss(student.features(x), t.body(x))
     torch.testing.assert_close(loss, expected)
@@ -66,6 +70,6 @@ def test_rebuild_from_spec_without_the_teacher_checkpoint():
         "teacher_feature_node": None, "factor": 2, "num_classes": 3, "in_channels": 1, "input_shape": [1, 16, 16],
         **shapes,
     }  # fmt: skip
-    rebuilt = build_student(spec)
+    rebuilt = SimKD.rebuild(spec)
     rebuilt.load_state_dict(student.state_dict())
     torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))

@@ -18,11 +18,11 @@ def _fit(splits, cfg, work_dir, kill_at_step=None):
     model = create_model("tiny_cnn", num_classes=4, in_channels=1)
     calls = {"n": 0}
 
-    def loss_fn(x, y):
+    def loss_fn(batch):
         calls["n"] += 1
         if calls["n"] == kill_at_step:
             raise Killed
-        return torch.nn.functional.cross_entropy(model(x), y)
+        return torch.nn.functional.cross_entropy(model(batch.x), batch.y)
 
     conf = TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=3)
     result = fit(

@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 
 from pipeline.cache import Cache, FingerprintMemo, cache_key, canonical_json, key_payload
 
@@ -45,7 +46,9 @@ def test_commit_then_hit(tmp_path):
 def test_damaged_entries_are_misses_and_removed(tmp_path, caplog):
     cache = Cache(tmp_path)
     entry, key = _commit(cache)
-    (entry / "model.bin").write_bytes(b"weightz")
+    (entry / "model.bin").write_bytes(b"weightz")  # same size: only the hash can tell
+    st = (entry / "model.bin").stat()  # a later write has a later mtime (filesystem clocks can be coarse)
+    os.utime(entry / "model.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     with caplog.at_level(logging.WARNING, logger="kdpipe"):
         assert cache.lookup("teacher", key) is None
     assert "damaged (file model.bin changed)" in caplog.text

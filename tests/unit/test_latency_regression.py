@@ -1,11 +1,12 @@
 """Baseline gating with real measurements of a session test double: re-measured passes, 25% slower fails."""
 
 import time
-from pathlib import Path
 
+import pytest
+
+from exporters import edge_runner
 from pipeline.config import BaselineConfig
 from pipeline.gates import compare_baseline
-from pipeline.latency import benchmark_models
 
 
 class SleepySession:
@@ -15,29 +16,26 @@ class SleepySession:
         self.ms = ms
 
     def get_inputs(self):
-        return [type("Input", (), {"name": "input"})()]
-
-    def get_providers(self):
-        return ["FakeProvider"]
+        return [type("Input", (), {"name": "input", "shape": ["batch", 1, 4, 4]})()]
 
     def run(self, outputs, feed):
         time.sleep(self.ms / 1000)
         return [feed["input"]]
 
 
-def measured_report(ms: float) -> dict:
-    results = benchmark_models(
-        {"student": Path("student.onnx")}, (1, 4, 4), [1], ["FakeProvider"], 1, warmup=1, min_runs=40,
-        min_seconds=0.0, max_seconds=5.0, rounds=10, session_factory=lambda path, p, t: (SleepySession(ms), 0.0),
-    )  # fmt: skip
-    return {"models": {"student": {"accuracy": {"top1": 0.9}, "latency": results["student"]}}}
+def measured_report(monkeypatch: pytest.MonkeyPatch, ms: float) -> dict:
+    """A report whose student latency is measured by the edge runner's own loop on a sleeping session."""
+    monkeypatch.setattr(edge_runner, "open_session", lambda path, provider, threads: SleepySession(ms))
+    (cell,) = edge_runner.measure_cell("student.onnx", (1, 4, 4), [1], warmup=1, min_runs=40, min_seconds=0.0,
+                                       max_seconds=5.0, rounds=10)  # fmt: skip
+    return {"models": {"student": {"accuracy": {"top1": 0.9}, "latency": {"batch_1": cell}}}}
 
 
-def test_remeasured_passes_and_25_percent_slower_fails():
+def test_remeasured_passes_and_25_percent_slower_fails(monkeypatch):
     conf = BaselineConfig(max_top1_drop=None, max_latency_regression_pct=10)
-    baseline = measured_report(4.0)
+    baseline = measured_report(monkeypatch, 4.0)
     assert len(baseline["models"]["student"]["latency"]["batch_1"]["round_p50_ms"]) == 10
-    (same,) = compare_baseline(measured_report(4.0), baseline, conf)
+    (same,) = compare_baseline(measured_report(monkeypatch, 4.0), baseline, conf)
     assert same["passed"], same["detail"]
-    (slower,) = compare_baseline(measured_report(5.0), baseline, conf)
+    (slower,) = compare_baseline(measured_report(monkeypatch, 5.0), baseline, conf)
     assert not slower["passed"], slower["detail"]

@@ -21,6 +21,9 @@ def test_keys_follow_dependencies(write_config):
     assert [s for s in base if epochs[s] != base[s]] == ["distill", "validate", "export", "benchmark"]
     teacher = keys(path, "teacher.train.lr=0.2")
     assert all(teacher[s] != base[s] for s in base)
+    cached = keys(path, "features.enabled=true")
+    assert [s for s in base if cached[s] != base[s]] == ["features", "distill", "validate", "export", "benchmark"]
+    assert keys(path, "features.views=8") == base  # settings of a disabled stage do not matter
     parity = keys(path, "export.parity.samples=16")
     assert [s for s in base if parity[s] != base[s]] == ["export", "benchmark"]
 

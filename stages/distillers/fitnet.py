@@ -1,0 +1,105 @@
+"""FitNet (Romero et al., ICLR 2015), one-stage as in the CRD code base: hints on the last feature map.
+
+``loss = CE(student, y) + beta * MSE(regressor(student_map), teacher_map)``, where the regressor is a
+Conv1x1(C_s→C_t) + BN used only in training, and the larger of the two maps is average-pooled down to the
+smaller (as in SimKD). The student runs once per step: its body's output feeds both the hint and its head.
+The deployable is the plain student; training works on its fx body/head split, which runs on the very
+same modules (see :func:`tie`), so the trained weights are the deployable's without any copying.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import DistillConfig
+from pipeline.data import Batch
+from pipeline.errors import UsageError
+from pipeline.zoo import create_model
+from stages.distillers import (
+    DISTILLERS,
+    Built,
+    DataInfo,
+    Distiller,
+    TeacherParts,
+    pool,
+    spec_shapes,
+    split_student,
+    teacher_split,
+)
+
+
+class Regressor(nn.Sequential):
+    """Conv1x1(C_s→C_t, no bias) → BN: maps the student's feature map into the teacher's channels."""
+
+    def __init__(self, s_channels: int, t_channels: int) -> None:
+        super().__init__(nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels))
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
+
+
+class FitNetTrainer(nn.Module):
+    """What FitNet optimises: the student as body + head, plus the training-only regressor."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, regressor: Regressor) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.regressor = regressor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def tie(model: nn.Module, *parts: nn.Module) -> nn.Module:
+    """Make ``model`` run on the very modules of ``parts`` (its fx split), so training them trains it.
+
+    fx keeps the model's qualified module names in the split's GraphModules, so each module that holds
+    parameters or buffers is put back into ``model`` under its own name; the check makes sure ``model``'s
+    whole state is now the split's.
+    """
+    for part in parts:
+        for name, module in part.named_modules():
+            owns = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if name and owns and type(module) is not nn.Module:
+                model.set_submodule(name, module)
+    mine = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
+    theirs = {k: id(v) for part in parts for k, v in part.state_dict(keep_vars=True).items()}
+    if mine != theirs:
+        raise UsageError(
+            "distill.student: FitNet trains the student through its body/head split, and this model's "
+            "parameters do not all map onto it; use another student or method"
+        )
+    return model
+
+
+@DISTILLERS.register("fitnet")
+class FitNet(Distiller):
+    name = "fitnet"
+    title = "FitNet"
+    signals = frozenset({"features"})
+
+    def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
+        student = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
+        s = split_student(student, data, conf.student_feature_node)
+        tie(student, s.body, s.head)
+        t = teacher_split(teacher, self.title)
+        spec = {
+            **self.base_spec(teacher, student_arch, data),
+            "student_feature_node": s.node,
+            "teacher_feature_node": t.node,
+            **spec_shapes(s.feature_shape, t.feature_shape),
+            "beta": conf.fitnet.beta,
+            "label_smoothing": conf.train.label_smoothing,
+        }
+        trainer = FitNetTrainer(s.body, s.head, Regressor(s.feature_shape[0], t.feature_shape[0]))
+        return Built(model=student, trainable=trainer, spec=spec)
+
+    def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+        spec, net = built.spec, built.trainable
+        features = net.body(batch.x)  # one student forward: the hint and the logits share it
+        logits = net.head(features)
+        hint = net.regressor(pool(features, spec["student_pool_to"]))
+        target = pool(teacher["features"], spec["teacher_pool_to"]).to(hint.dtype)
+        ce = F.cross_entropy(logits, batch.y, label_smoothing=spec["label_smoothing"])
+        return ce + spec["beta"] * F.mse_loss(hint, target)

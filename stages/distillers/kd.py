@@ -1,0 +1,54 @@
+"""KD (Hinton et al., 2015): match the teacher's temperature-softened class probabilities.
+
+``loss = (1 - alpha) * CE(student, y) + alpha * T² * KL(softmax(t / T) || softmax(s / T))``; the T²
+keeps the soft term's gradients on the scale of the hard one when T changes. Only the teacher's logits
+are needed, so a TorchScript teacher works. The deployable is the plain student with its own classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DistillConfig
+from pipeline.data import Batch
+from pipeline.zoo import create_model
+from stages.distillers import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Hinton's loss on logits (N, K): ``(1-alpha)·CE + alpha·T²·KL(teacher ‖ student)`` at temperature T."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher.to(student.dtype) / t, dim=1),
+                    reduction="batchmean")  # fmt: skip
+    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    return (1 - alpha) * hard + alpha * t * t * soft
+
+
+@DISTILLERS.register("kd")
+class KD(Distiller):
+    name = "kd"
+    title = "KD"
+    signals = frozenset({"logits"})
+
+    def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
+        model = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
+        spec = {
+            **self.base_spec(teacher, student_arch, data),
+            "temperature": conf.kd.temperature,
+            "alpha": conf.kd.alpha,
+            "label_smoothing": conf.train.label_smoothing,
+        }
+        return Built(model=model, trainable=model, spec=spec)
+
+    def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+        spec = built.spec
+        return kd_loss(built.model(batch.x), teacher["logits"], batch.y, spec["temperature"], spec["alpha"],
+                       spec["label_smoothing"])  # fmt: skip

@@ -1,0 +1,30 @@
+"""scratch: the student trained on the labels alone (no teacher), the baseline every method must beat.
+
+Plain cross-entropy with ``distill.train.label_smoothing``, the same recipe, seed and initialisation as
+the distilled students. The deployable is the plain student.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DistillConfig
+from pipeline.data import Batch
+from pipeline.zoo import create_model
+from stages.distillers import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
+
+
+@DISTILLERS.register("scratch")
+class Scratch(Distiller):
+    name = "scratch"
+    title = "scratch"
+    signals = frozenset()
+
+    def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
+        model = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
+        spec = {**self.base_spec(teacher, student_arch, data), "label_smoothing": conf.train.label_smoothing}
+        return Built(model=model, trainable=model, spec=spec)
+
+    def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(built.model(batch.x), batch.y, label_smoothing=built.spec["label_smoothing"])

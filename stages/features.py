@@ -1,0 +1,152 @@
+"""features: the frozen teacher's feature maps and logits, computed once, as a cached artifact.
+
+The teacher never changes during distillation, so running it at every step is wasted work. This
+stage runs it once over ``features.views`` augmented views of every training image (seeded crop and
+flip parameters, stored beside the features) and stores the last feature map (fp16 by default,
+memory-mapped) and the logits. Distillation then samples one of the views per image per epoch and
+replays its exact crop and flip on the student's input. Disabled (the default), the stage records
+only that, and distillation runs the teacher online.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.base import STAGES, Stage, StageContext
+
+FEATURES = "features.npy"
+LOGITS = "logits.npy"
+INDEX = "train_index.npy"
+VIEWS = "views.npz"
+INFO = "features.json"
+
+
+@STAGES.register("features")
+class FeaturesStage(Stage):
+    name = "features"
+    version = 1
+    needs = ("teacher",)
+    uses_data = True
+
+    def config(self, cfg: Any) -> dict[str, Any]:
+        section = super().config(cfg)
+        if not cfg.config.features.enabled:  # nothing else matters when it is off
+            return {"features": {"enabled": False}}
+        return section
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        conf = ctx.cfg.config.features
+        if not conf.enabled:
+            return {"enabled": False}
+        import numpy as np
+        import torch
+        from tqdm import tqdm
+
+        from pipeline.data import apply_params, make_view_table, normalize
+        from pipeline.models import frozen, load_teacher, stage_data
+        from pipeline.split import split_model
+        from pipeline.training import pick_device
+
+        data, splits = stage_data(ctx)
+        teacher, tspec = load_teacher(ctx.inputs["teacher"])
+        device = pick_device(ctx.cfg.config.runtime.device)
+        example = torch.zeros(2, *data.input_shape)
+        if tspec["format"] == "torchscript":  # logits only (enough for KD)
+            body, head, shape = frozen(teacher).to(device), None, None
+        else:
+            t = split_model(teacher, example, tspec["feature_node"], what="teacher.feature_node")
+            body, head, shape = frozen(t.body).to(device), frozen(t.head).to(device), t.feature_shape
+        table = make_view_table(len(data.train_x), conf.views, ctx.cfg.config.data.augment, conf.seed)
+        index = splits.train_idx.numpy()
+        n, k = len(index), conf.views
+        dtype = np.float16 if conf.precision == "fp16" else np.float32
+        feats = None
+        if shape is not None:
+            feats = np.lib.format.open_memmap(ctx.out_dir / FEATURES, mode="w+", dtype=dtype, shape=(n, k, *shape))
+        logits = np.lib.format.open_memmap(
+            ctx.out_dir / LOGITS, mode="w+", dtype=np.float32, shape=(n, k, data.num_classes)
+        )
+        worst = 0.0
+        scale = 0.0
+        t0 = time.perf_counter()
+        bar = tqdm(total=n * k, desc="teacher features", unit="img", disable=not ctx.progress, leave=False)
+        with torch.inference_mode():
+            for view in range(k):
+                for start in range(0, n, conf.batch_size):
+                    pos = slice(start, min(n, start + conf.batch_size))
+                    idx = splits.train_idx[pos]
+                    x = apply_params(
+                        data.train_x[idx], table.oy[idx, view], table.ox[idx, view], table.flip[idx, view],
+                        ctx.cfg.config.data.augment,
+                    )  # fmt: skip
+                    x = normalize(x, data.mean, data.std).to(device)
+                    if head is None:
+                        out = body(x).float()
+                    else:
+                        f = body(x)
+                        out = head(f).float()
+                        f32 = f.float().cpu().numpy()
+                        stored = f32.astype(dtype)
+                        feats[pos, view] = stored  # type: ignore[index]
+                        worst = max(worst, float(np.abs(stored.astype(np.float32) - f32).max()))
+                        scale = max(scale, float(np.abs(f32).max()))
+                    logits[pos, view] = out.cpu().numpy()
+                    bar.update(pos.stop - pos.start)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        if feats is not None:
+            feats.flush()
+        logits.flush()
+        np.save(ctx.out_dir / INDEX, index)
+        np.savez(ctx.out_dir / VIEWS, oy=table.oy.numpy(), ox=table.ox.numpy(), flip=table.flip.numpy())
+        info = {
+            "enabled": True,
+            "views": k,
+            "images": n,
+            "precision": conf.precision if feats is not None else None,
+            "feature_shape": list(shape) if shape is not None else None,
+            "num_classes": data.num_classes,
+            "bytes": sum(p.stat().st_size for p in ctx.out_dir.iterdir()),
+            "seconds": seconds,
+            "images_per_second": n * k / seconds if seconds else 0.0,
+            # fp16 storage error, absolute and relative to the largest activation
+            "storage_max_abs_error": worst,
+            "storage_max_rel_error": worst / scale if scale else 0.0,
+        }
+        (ctx.out_dir / INFO).write_text(json.dumps(info, indent=2))
+        return info
+
+
+class CachedTeacher:
+    """Teacher signals for a :class:`~pipeline.data.Batch` read from the features stage's artifact."""
+
+    def __init__(self, folder: Path, device: Any) -> None:
+        import numpy as np
+        import torch
+
+        from pipeline.data import ViewTable
+
+        self.info = json.loads((folder / INFO).read_text())
+        self.index = torch.from_numpy(np.load(folder / INDEX))
+        self.features = np.load(folder / FEATURES, mmap_mode="r") if (folder / FEATURES).exists() else None
+        self.logits = np.load(folder / LOGITS, mmap_mode="r")
+        v = np.load(folder / VIEWS)
+        self.views = ViewTable(torch.from_numpy(v["oy"]), torch.from_numpy(v["ox"]), torch.from_numpy(v["flip"]))
+        self.device = device
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        pos = torch.searchsorted(self.index, batch.index).numpy()
+        view = batch.view.numpy()
+        out = {"logits": torch.from_numpy(np.ascontiguousarray(self.logits[pos, view])).to(self.device)}
+        if self.features is not None:
+            f = torch.from_numpy(np.ascontiguousarray(self.features[pos, view])).to(self.device, torch.float32)
+            if batch.x.is_contiguous(memory_format=torch.channels_last):
+                f = f.contiguous(memory_format=torch.channels_last)
+            out["features"] = f
+        return out
