@@ -140,8 +140,14 @@ class Cache:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, stage: str, key: str, staging: Path, payload: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """Write the manifest last, then rename the staging folder into place (atomic on one filesystem)."""
+    def commit(
+        self, stage: str, key: str, staging: Path, payload: dict[str, Any], extra: dict[str, Any], replace: bool = False
+    ) -> Path:
+        """Write the manifest last, then rename the staging folder into place (atomic on one filesystem).
+
+        An existing entry of the same key is kept (a concurrent run built the same thing) unless ``replace``
+        (a forced re-run), when the new entry is swapped in and the old one removed.
+        """
         files = {}
         for f in sorted(p for p in staging.rglob("*") if p.is_file()):
             rel = f.relative_to(staging).as_posix()
@@ -160,7 +166,12 @@ class Cache:
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp_manifest, staging / MANIFEST)
         final = self.entry(stage, key)
-        if final.exists():  # a concurrent run committed the same key; ours is identical by construction
+        if final.exists() and replace:
+            old = final.with_name(f".old-{key}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        elif final.exists():
             shutil.rmtree(staging)
         else:
             os.replace(staging, final)

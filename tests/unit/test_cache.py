@@ -86,3 +86,14 @@ def test_fingerprint_memo_rehashes_only_changed_files(tmp_path, monkeypatch):
     f.write_bytes(b"two!")
     assert again.file(f) != first and len(calls) == 1
     assert json.loads((tmp_path / "fp.json").read_text())
+
+
+def test_a_forced_rebuild_replaces_the_entry(tmp_path):
+    cache = Cache(tmp_path)
+    entry, key = _commit(cache)
+    staging = cache.staging_dir("teacher", key)
+    (staging / "model.bin").write_bytes(b"retrained")
+    cache.commit("teacher", key, staging, {"p": 2}, {}, replace=True)
+    assert (entry / "model.bin").read_bytes() == b"retrained"
+    assert cache.lookup("teacher", key)["payload"] == {"p": 2}
+    assert [p.name for p in (tmp_path / "teacher").iterdir()] == [key]
