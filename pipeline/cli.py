@@ -65,6 +65,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Re-run this stage even if cached.")
 @click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per epoch instead).")
+@click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel training processes (runtime.nproc).")
 @gate_option
 @baseline_option
 def run(
@@ -73,13 +74,14 @@ def run(
     force: tuple[str, ...],
     until: str | None,
     no_progress: bool,
+    nproc: int | None,
     gates: tuple[str, ...],
     baseline: str | None,
 ) -> None:
     """Run every stale stage, write report.json in the output folder, then evaluate the gates (exit 1 on failure)."""
     from pipeline.runner import run_pipeline
 
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])))
     report = run_pipeline(
         cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
         baseline=baseline,

@@ -294,6 +294,12 @@ class RuntimeConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the trained model. Off by default: 36 s to compile, no faster on CPU here."
     )
+    nproc: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel training processes (gloo, CPU). Each takes train.batch_size images of every "
+        "global batch and the learning rate is scaled by nproc; part of the training stages' cache keys when > 1.",
+    )
 
 
 class PipelineConfig(Section):

@@ -212,6 +212,11 @@ class Batch:
     index: torch.Tensor
     view: torch.Tensor | None = None
 
+    def shard(self, rank: int, size: int) -> Batch:
+        """This rank's share of a global batch (data-parallel training)."""
+        part = slice(rank, None, size)
+        return Batch(self.x[part], self.y[part], self.index[part], None if self.view is None else self.view[part])
+
     def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
         return Batch(
             self.x.to(device, non_blocking=True).contiguous(memory_format=memory_format),

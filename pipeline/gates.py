@@ -25,19 +25,24 @@ SIZE = {"file_bytes", "parameters"}
 PARITY = {"parity_max_abs_diff", "parity_top1_agreement"}
 METRICS = sorted(ACCURACY | DROPS | LATENCY | SIZE | PARITY)
 EXPRESSION = re.compile(
-    r"^\s*(?P<model>[\w-]+)\.(?P<metric>\w+)(?:@(?P<batch>\d+))?\s*(?P<op>>=|<=)\s*(?P<value>[-+0-9.eE]+)\s*$"
+    r"^\s*(?P<model>[\w-]+)\.(?P<metric>\w+)(?:@(?P<batch>\d+)(?::(?P<threads>\d+))?)?\s*(?P<op>>=|<=)\s*"
+    r"(?P<value>[-+0-9.eE]+)\s*$"
 )
 
 
 def parse_gate(text: str) -> GateConfig:
-    """``MODEL.METRIC[@BATCH] >= VALUE`` (or ``<=``) → a gate; bad text is a one-line usage error."""
+    """``MODEL.METRIC[@BATCH[:THREADS]] >= VALUE`` (or ``<=``) → a gate; bad text is a one-line usage error."""
     m = EXPRESSION.match(text)
     if not m:
-        raise UsageError(f"--gate '{text}': expected MODEL.METRIC[@BATCH] >= VALUE, e.g. 'student.p90_ms@1 <= 2.5'")
+        raise UsageError(
+            f"--gate '{text}': expected MODEL.METRIC[@BATCH[:THREADS]] >= VALUE, e.g. 'student.p90_ms@1 <= 2.5'"
+        )
     bound = "min" if m["op"] == ">=" else "max"
     data = {"model": m["model"], "metric": m["metric"], bound: float(m["value"])}
     if m["batch"]:
         data["batch_size"] = int(m["batch"])
+    if m["threads"]:
+        data["threads"] = int(m["threads"])
     try:
         return GateConfig.model_validate(data)
     except ValidationError as exc:
@@ -47,6 +52,7 @@ def parse_gate(text: str) -> GateConfig:
 
 def gate_name(g: GateConfig) -> str:
     batch = f"@{g.batch_size}" if g.batch_size else ""
+    batch += f":{g.threads}" if g.batch_size and g.threads else ""
     op, value = (">=", g.min) if g.min is not None else ("<=", g.max)
     return f"{g.model}.{g.metric}{batch} {op} {value:g}"
 
@@ -68,21 +74,41 @@ def measure(report: dict[str, Any], g: GateConfig) -> float:
             return float(m["onnx"]["file_bytes"] if g.metric == "file_bytes" else m["parameters"])
         if g.metric in PARITY:
             return float(m["onnx"]["parity"][g.metric.removeprefix("parity_")])
-        batch = f"batch_{g.batch_size}"
         if g.metric == "speedup_p50":
-            return float(models["teacher"]["latency"][batch]["p50_ms"]) / float(m["latency"][batch]["p50_ms"])
-        return float(m["latency"][batch][g.metric])
-    except (KeyError, TypeError, ZeroDivisionError):
+            return _cell(report, "teacher", g)["p50_ms"] / _cell(report, g.model, g)["p50_ms"]
+        return float(_cell(report, g.model, g)[g.metric])
+    except (KeyError, TypeError, ZeroDivisionError, StopIteration):
         raise UsageError(
             f"gate '{gate_name(g)}': the report has no such figure (was the stage that measures it run"
-            f"{', with this batch size' if g.batch_size else ''}?)"
+            f"{', with this batch size' if g.batch_size else ''}{' and thread count' if g.threads else ''}?)"
         ) from None
 
 
+def _cell(report: dict[str, Any], model: str, g: GateConfig) -> dict[str, Any]:
+    """The latency figures of ``model`` at the gate's batch size: the headline cell, or with ``threads``
+    the benchmark-matrix cell of the headline provider at that thread count."""
+    m = report["models"][model]
+    headline = m["latency"][f"batch_{g.batch_size}"]
+    if g.threads is None or headline.get("threads", g.threads) == g.threads:
+        return headline
+    provider = headline.get("provider")
+    return next(
+        c for c in m.get("latency_matrix", [])
+        if c["threads"] == g.threads and c["batch_size"] == g.batch_size and c.get("provider") == provider
+    )  # fmt: skip
+
+
 def check_threads(report: dict[str, Any], g: GateConfig) -> None:
-    ran = (report.get("benchmark") or {}).get("intra_op_threads")
-    if g.threads is not None and g.metric in LATENCY and ran != g.threads:
-        raise UsageError(f"gate '{gate_name(g)}': asks for {g.threads} threads, the benchmark ran with {ran}")
+    """A latency gate at a thread count the benchmark did not measure is bad input."""
+    if g.threads is None or g.metric not in LATENCY:
+        return
+    bench = report.get("benchmark") or {}
+    measured = bench.get("thread_counts") or [bench.get("intra_op_threads")]
+    if g.threads not in measured:
+        raise UsageError(
+            f"gate '{gate_name(g)}': asks for {g.threads} threads, the benchmark measured {measured}; "
+            "add it to benchmark.intra_op_threads"
+        )
 
 
 def evaluate(report: dict[str, Any], gates: list[GateConfig]) -> list[dict[str, Any]]:

@@ -231,7 +231,8 @@ def run_pipeline(
             raise
         step.seconds = time.perf_counter() - t0
         step.ran = True
-        cache.commit(step.stage, step.key, staging, step.payload, {"seconds": step.seconds}, replace=step.stage in force)
+        forced = step.stage in force
+        cache.commit(step.stage, step.key, staging, step.payload, {"seconds": step.seconds}, replace=forced)
         echo(f"✓ {step.stage:<9} done    {step.key[:12]} in {step.seconds:.1f}s")
     record = {
         "config_file": str(cfg.path) if cfg.path else None,

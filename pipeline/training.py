@@ -120,6 +120,7 @@ def fit(
     views: ViewTable | None = None,
     amp: bool = False,
     compile: bool = False,
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Train ``trainable``'s parameters to minimise ``loss_fn``; select ``model``'s epoch by val top-1.
 
@@ -133,6 +134,9 @@ def fit(
         views: precomputed augmentation views (with cached teacher features): batches replay one of them.
         amp: autocast ``loss_fn`` (bf16 on CPU; fp16 with a gradient scaler on CUDA).
         compile: ``torch.compile`` the model in place (state_dict keys unchanged).
+        nproc: data-parallel processes (gloo). Each takes ``conf.batch_size`` images of every global batch of
+            ``nproc * conf.batch_size``; gradients are averaged and the learning rate is scaled by ``nproc``
+            (linear scaling rule). Only this process (rank 0) evaluates, checkpoints and returns.
 
     Returns:
         ``{"best_state", "best_val_top1", "best_epoch", "history", "images_per_second"}``; the model is
@@ -140,8 +144,23 @@ def fit(
     """
     from tqdm import tqdm
 
-    steps = steps_per_epoch(splits, conf.batch_size)
+    from pipeline.distributed import average_buffers, average_gradients, run_data_parallel, world
+
+    if nproc > 1:
+        return run_data_parallel(
+            nproc,
+            work_dir,
+            lambda: fit(
+                model=model, trainable=trainable, loss_fn=loss_fn, splits=splits, conf=conf, augment=augment,
+                work_dir=work_dir, device=device, desc=desc, progress=progress, log=log,
+                eval_batch_size=eval_batch_size, channels_last=channels_last, views=views, amp=amp, compile=compile,
+            ),
+        )  # fmt: skip
+    rank, size = world()
+    steps = steps_per_epoch(splits, conf.batch_size * size)
     optimizer = make_optimizer(trainable.parameters(), conf)
+    for group in optimizer.param_groups:
+        group["lr"] *= size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(conf, steps))
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_top1": -1.0, "best_epoch": 0, "best_state": None}
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -167,19 +186,25 @@ def fit(
         scaler.load_state_dict(scaler_state)
     bar = tqdm(
         total=conf.epochs * steps, initial=state["epoch"] * steps, desc=desc, unit="step",
-        disable=not progress, dynamic_ncols=True, leave=False,
+        disable=not progress or rank != 0, dynamic_ncols=True, leave=False,
     )  # fmt: skip
     seen, busy = 0, 0.0
     try:
         for epoch in range(state["epoch"], conf.epochs):
             trainable.train()
             t0, total_loss, n = time.perf_counter(), 0.0, 0
-            for batch in train_batches(splits, conf.batch_size, conf.seed, epoch, augment, views):
+            for batch in train_batches(splits, conf.batch_size * size, conf.seed, epoch, augment, views):
+                if size > 1:
+                    if len(batch.y) < 2 * size:  # every shard needs 2 images for BatchNorm; same on all ranks
+                        continue
+                    batch = batch.shard(rank, size)
                 batch = batch.to(device, fmt)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                     loss = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if size > 1:
+                    average_gradients(trainable, size)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -189,8 +214,14 @@ def fit(
                 elapsed = busy + time.perf_counter() - t0
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{(seen + n) / elapsed:.0f}")
             train_seconds = time.perf_counter() - t0
+            n *= size  # images of all ranks
             busy += train_seconds
             seen += n
+            if size > 1:
+                average_buffers(model, size)
+                if rank != 0:  # rank 0 evaluates, selects and checkpoints
+                    state["epoch"] = epoch + 1
+                    continue
             logits = predict(model, splits.val_x, splits.data.mean, splits.data.std, eval_batch_size, device)
             val_top1 = accuracy(logits, splits.val_y)
             record = {
@@ -223,6 +254,8 @@ def fit(
             bar.write(line) if progress else log(line)
     finally:
         bar.close()
+    if rank != 0:
+        return {}
     model.load_state_dict(state["best_state"])
     model.to(memory_format=torch.contiguous_format)
     done = state["history"]

@@ -58,6 +58,12 @@ class Stage(abc.ABC):
             section["data"] = cfg.section("data")
         return section
 
+    def training_config(self, cfg: LoadedConfig, section: dict[str, Any]) -> dict[str, Any]:
+        """For stages that train: data-parallel training changes the global batch, so it is part of the key."""
+        if cfg.config.runtime.nproc > 1:
+            section["data_parallel_processes"] = cfg.config.runtime.nproc
+        return section
+
     def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
         """Fingerprints of files outside the config that shape the result (besides the dataset)."""
         return {}

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import LoadedConfig
 from pipeline.errors import ConfigError
 from stages.base import STAGES, Stage, StageContext, read_metrics
 
@@ -34,6 +35,16 @@ class DistillStage(Stage):
     version = 2
     needs = ("teacher", "features")
     uses_data = True
+
+    def config(self, cfg: LoadedConfig) -> dict[str, Any]:
+        """The distill section without the settings of methods that are not trained (they change nothing)."""
+        section = super().config(cfg)
+        conf = section["distill"]
+        used = {conf["method"], *conf["compare"]}
+        for method, key in (("kd", "kd"), ("fitnet", "fitnet"), ("simkd", "factor")):
+            if method not in used:
+                conf.pop(key, None)
+        return self.training_config(cfg, section)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
@@ -152,5 +163,6 @@ def train_method(
         views=views,
         amp=cfg.config.runtime.amp,
         compile=cfg.config.runtime.compile,
+        nproc=cfg.config.runtime.nproc,
     )
     return built, {**result, "seconds": time.perf_counter() - t0}

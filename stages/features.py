@@ -59,6 +59,8 @@ class FeaturesStage(Stage):
         else:
             t = split_model(teacher, example, tspec["feature_node"], what="teacher.feature_node")
             body, head, shape = frozen(t.body).to(device), frozen(t.head).to(device), t.feature_shape
+        fmt = torch.channels_last if ctx.cfg.config.runtime.channels_last else torch.contiguous_format
+        body = body.to(memory_format=fmt)
         table = make_view_table(len(data.train_x), conf.views, ctx.cfg.config.data.augment, conf.seed)
         index = splits.train_idx.numpy()
         n, k = len(index), conf.views
@@ -82,7 +84,7 @@ class FeaturesStage(Stage):
                         data.train_x[idx], table.oy[idx, view], table.ox[idx, view], table.flip[idx, view],
                         ctx.cfg.config.data.augment,
                     )  # fmt: skip
-                    x = normalize(x, data.mean, data.std).to(device)
+                    x = normalize(x, data.mean, data.std).to(device).contiguous(memory_format=fmt)
                     if head is None:
                         out = body(x).float()
                     else:

@@ -23,7 +23,8 @@ class TeacherStage(Stage):
         section = super().config(cfg)
         if cfg.config.teacher.source != "train":  # the recipe does not shape a loaded teacher
             section["teacher"].pop("train")
-        return section
+            return section
+        return self.training_config(cfg, section)
 
     def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
         conf = cfg.config.teacher
@@ -106,6 +107,7 @@ class TeacherStage(Stage):
                     channels_last=cfg.config.runtime.channels_last,
                     amp=cfg.config.runtime.amp,
                     compile=cfg.config.runtime.compile,
+                    nproc=cfg.config.runtime.nproc,
                 )
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
             elif conf.path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,29 @@ def _one_thread():
         return
     torch.set_num_threads(1)
     yield
+
+
+def clean_env() -> dict[str, str]:
+    """The environment minus anything that could make another interpreter see this project's packages."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory) -> str:
+    """A fresh virtual environment holding only numpy and onnxruntime (no torch, no kdpipe): an edge device."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+    python = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    try:
+        pip = subprocess.run(
+            [python, "-m", "pip", "install", "--quiet", "--retries", "1", "--timeout", "15", "numpy", "onnxruntime"],
+            capture_output=True, text=True, timeout=180, env=clean_env(),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.skip("pip could not install numpy and onnxruntime within 180 s (no network or package cache?)")
+    if pip.returncode != 0:
+        tail = (pip.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"pip could not install numpy and onnxruntime (no network or package cache?): {tail}")
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, env=clean_env())
+    assert no_torch.returncode != 0, "torch must not be importable in the bare environment"
+    return python

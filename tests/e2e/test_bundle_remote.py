@@ -155,6 +155,14 @@ def test_bench_local_merges_targets(project: Path, capsys) -> None:
     assert "targets" in (project / "out" / "report.json").read_text()
 
 
+def test_a_bundle_runs_in_a_bare_venv_and_merges(project: Path, capsys, bare_python: str) -> None:
+    """kdpipe's bundle under a Python with only numpy + onnxruntime; its results merge into the report."""
+    args = ["--target", "local", "--model", "student", "--remote-python", bare_python, "--name", "bare"]
+    assert kdpipe(project, "bench", *args) == 0
+    report = check_target(project, "bare", "local")
+    assert report["targets"]["bare"]["host"]["python"]
+
+
 @pytest.mark.parametrize("target", ["local-host", "http://u@h", "ssh://host", "ssh://u:secret@h"])
 def test_bench_bad_target(project: Path, capsys, target: str) -> None:
     assert kdpipe(project, "bench", "--target", target) == 2

@@ -229,3 +229,15 @@ def test_gates_pass_then_a_tightened_one_fails_with_both_figures(project, monkey
     (project / "old.json").write_text(json.dumps({"schema_version": 99}))
     assert main(["gate", "--baseline", "old.json"]) == 2
     assert "schema_version 99, expected 1" in capsys.readouterr().err
+
+
+def test_data_parallel_training_from_the_cli(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+    out = subprocess.run([*KDPIPE, "run", "--nproc", "2", "--until", "distill"], cwd=tmp_path, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("done") == 3  # teacher, features, distill: trained by 2 gloo processes
+    status = subprocess.run([*KDPIPE, "status", "--set", "runtime.nproc=2"], cwd=tmp_path, capture_output=True,
+                            text=True)  # fmt: skip
+    assert status.stdout.splitlines()[2].split()[1] == "cached"  # distill
+    assert not list((tmp_path / ".kdpipe").rglob(".dist-*"))

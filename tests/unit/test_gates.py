@@ -63,7 +63,7 @@ def test_table_names_the_failed_gate_with_both_figures():
         ("pupil.top1 >= 1", "no model 'pupil' in the report; models: teacher, student"),
         ("student.p50_ms@64 <= 1", "the report has no such figure"),
         ("student.p50_ms <= 1", "latency metric 'p50_ms' needs batch_size"),
-        ("student.top1 = 1", "expected MODEL.METRIC[@BATCH] >= VALUE"),
+        ("student.top1 = 1", "expected MODEL.METRIC[@BATCH[:THREADS]] >= VALUE"),
     ],
 )
 def test_bad_gates_are_usage_errors(expr, message):
@@ -72,10 +72,26 @@ def test_bad_gates_are_usage_errors(expr, message):
     assert message in str(info.value) and info.value.exit_code == 2
 
 
-def test_thread_count_must_match():
+def test_thread_count_must_have_been_measured():
     gate = GateConfig(metric="p50_ms", batch_size=1, threads=4, max=1.0)
-    with pytest.raises(UsageError, match="asks for 4 threads, the benchmark ran with 1"):
+    with pytest.raises(UsageError, match=r"asks for 4 threads, the benchmark measured \[1\]"):
         run_gates(REPORT, [gate])
+
+
+def test_latency_gate_at_another_thread_count_reads_the_matrix():
+    report = copy.deepcopy(REPORT)
+    report["benchmark"]["thread_counts"] = [1, 2]
+    for name, p50_at_2 in (("teacher", 1.0), ("student", 0.25)):
+        m = report["models"][name]
+        m["latency"]["batch_1"].update(threads=1, provider="CPU")
+        two = dict(m["latency"]["batch_1"], threads=2, batch_size=1, p50_ms=p50_at_2, p90_ms=p50_at_2 * 1.2)
+        m["latency_matrix"] = [dict(m["latency"]["batch_1"], batch_size=1), two]
+    (two,) = run_gates(report, [], ["student.p90_ms@1:2 <= 0.31"])
+    assert two["measured"] == pytest.approx(0.3) and two["passed"] and two["name"] == "student.p90_ms@1:2 <= 0.31"
+    (one,) = run_gates(report, [], ["student.p90_ms@1 <= 0.31"])
+    assert one["measured"] == pytest.approx(0.55) and not one["passed"]
+    (speedup,) = run_gates(report, [], ["student.speedup_p50@1:2 >= 1"])
+    assert speedup["measured"] == pytest.approx(4.0)
 
 
 def noisy(p50, n=10, seed=0, burst=False):

@@ -24,6 +24,9 @@ def test_keys_follow_dependencies(write_config):
     cached = keys(path, "features.enabled=true")
     assert [s for s in base if cached[s] != base[s]] == ["features", "distill", "validate", "export", "benchmark"]
     assert keys(path, "features.views=8") == base  # settings of a disabled stage do not matter
+    assert keys(path, "distill.kd.temperature=2") == base  # KD is not trained: its settings do not matter
+    kd = keys(path, "distill.compare=[kd]")
+    assert keys(path, "distill.compare=[kd]", "distill.kd.temperature=2")["distill"] != kd["distill"]
     parity = keys(path, "export.parity.samples=16")
     assert [s for s in base if parity[s] != base[s]] == ["export", "benchmark"]
 
@@ -31,7 +34,16 @@ def test_keys_follow_dependencies(write_config):
 def test_result_neutral_fields_stay_out_of_keys(write_config, tmp_path):
     path = write_config()
     base = keys(path)
-    assert keys(path, "runtime.threads=2", "runtime.progress=true", "runtime.device=cpu") == base
+    assert keys(path, "runtime.threads=2", "runtime.progress=true", "runtime.device=cpu", "runtime.amp=true") == base
+    ddp = keys(path, "runtime.nproc=2")  # data-parallel training changes the global batch: training stages re-run
+    assert [s for s in base if ddp[s] != base[s]] == [
+        "teacher",
+        "features",
+        "distill",
+        "validate",
+        "export",
+        "benchmark",
+    ]
     assert keys(path, f"cache_dir={tmp_path / 'elsewhere'}", "output_dir=out2") == base
 
 

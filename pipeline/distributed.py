@@ -1,0 +1,115 @@
+"""Data-parallel training on one machine: N processes joined in a torch.distributed process group.
+
+This process is rank 0: it keeps the result and is the only one that writes checkpoints and the cache.
+Ranks 1..N-1 are forked from it, so they inherit the models, data and closures without pickling them.
+The backend is gloo (CPU). CUDA cannot be used after a fork, so GPU runs use one process per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+TIMEOUT = timedelta(minutes=10)  # a dead peer is noticed at the next collective, within this
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _join(rank: int, size: int, init_file: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size, timeout=TIMEOUT)
+
+
+def _child(rank: int, size: int, init_file: Path, threads: int, fn: Callable[[], object]) -> None:
+    code = 0
+    try:
+        torch.set_num_threads(threads)
+        _join(rank, size, init_file)
+        fn()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os._exit(code)  # never return into the parent's code path (atexit, pytest, click)
+
+
+def _probe() -> None:
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()
+    os._exit(0)
+
+
+def run_data_parallel(nproc: int, work_dir: Path, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in ``nproc`` processes joined in a gloo process group; return rank 0's result."""
+    if torch.cuda.is_initialized():
+        raise RuntimeError("data-parallel training forks its workers, which CUDA does not allow; use runtime.nproc: 1")
+    ctx = torch.multiprocessing.get_context("fork")
+    probe = ctx.Process(target=_probe)  # autograd refuses to run in a fork of some processes: find out first
+    probe.start()
+    probe.join(timeout=60)
+    if probe.exitcode != 0:
+        raise RuntimeError(
+            "data-parallel training cannot fork workers from this process (its autograd engine has started "
+            "threads, e.g. an ONNX export ran here first); start it in a fresh process, e.g. a new `kdpipe run`"
+        )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    init_file = work_dir / f".dist-{os.getpid()}-{time.time_ns()}"
+    threads = max(1, torch.get_num_threads() // nproc)
+    children = [ctx.Process(target=_child, args=(r, nproc, init_file, threads, fn)) for r in range(1, nproc)]
+    for child in children:
+        child.start()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _join(0, nproc, init_file)
+        result = fn()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(saved_threads)
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+        init_file.unlink(missing_ok=True)
+    failed = [c.exitcode for c in children if c.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} data-parallel worker(s) failed (exit codes {failed})")
+    return result
+
+
+def average_gradients(module: torch.nn.Module, size: int) -> None:
+    """All-reduce and average the gradients (one flat buffer: one collective per step)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def average_buffers(module: torch.nn.Module, size: int) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) so every rank holds the same model."""
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= size
