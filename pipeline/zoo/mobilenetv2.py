@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.zoo import MODELS
+from pipeline.zoo.init import kaiming_init
 
 # (expansion, channels, blocks, first stride); expansion None means "use T".
 _STAGES: tuple[tuple[int | None, int, int, int], ...] = (
@@ -89,17 +90,7 @@ class MobileNetV2(nn.Module):
 
     def _initialize_weights(self) -> None:
         # He-normal with fan_out = k*k*out_channels for convs, N(0, 0.01) for the classifier, as the original.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

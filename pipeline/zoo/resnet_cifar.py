@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.zoo import MODELS
+from pipeline.zoo.init import kaiming_init
 
 THIN = (16, 16, 32, 64)
 WIDE_X4 = (32, 64, 128, 256)
@@ -67,12 +68,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         out_planes = planes * BasicBlock.expansion

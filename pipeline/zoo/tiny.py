@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.zoo import MODELS
+from pipeline.zoo.init import kaiming_init
 
 
 class TinyCNN(nn.Module):
@@ -30,12 +31,7 @@ class TinyCNN(nn.Module):
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c2, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
