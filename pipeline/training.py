@@ -184,9 +184,10 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     if scaler_state:
         scaler.load_state_dict(scaler_state)
+    # disable=None: tqdm draws only on a terminal, so CI logs get the per-epoch lines, not bar redraws
     bar = tqdm(
         total=conf.epochs * steps, initial=state["epoch"] * steps, desc=desc, unit="step",
-        disable=not progress or rank != 0, dynamic_ncols=True, leave=False,
+        disable=None if progress and rank == 0 else True, dynamic_ncols=True, leave=False,
     )  # fmt: skip
     seen, busy = 0, 0.0
     try:

@@ -74,7 +74,9 @@ class FeaturesStage(Stage):
         worst = 0.0
         scale = 0.0
         t0 = time.perf_counter()
-        bar = tqdm(total=n * k, desc="teacher features", unit="img", disable=not ctx.progress, leave=False)
+        bar = tqdm(
+            total=n * k, desc="teacher features", unit="img", disable=None if ctx.progress else True, leave=False
+        )
         with torch.inference_mode():
             for view in range(k):
                 for start in range(0, n, conf.batch_size):
