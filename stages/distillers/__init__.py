@@ -9,6 +9,7 @@ signals (:class:`OnlineTeacher` runs the frozen teacher on every batch), resumin
 
 from __future__ import annotations
 
+import abc
 import copy
 import json
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class Built:
     spec: dict[str, Any]
 
 
-class Distiller:
+class Distiller(abc.ABC):
     """Base class of a distillation method. Subclasses set ``name``/``title``/``signals``, ``build`` and ``loss``."""
 
     name: ClassVar[str]
@@ -82,14 +83,14 @@ class Distiller:
     #: why it cannot use a TorchScript teacher (only read when "features" is in ``signals``)
     why_features: ClassVar[str] = "needs the teacher's last feature map"
 
+    @abc.abstractmethod
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
         """A freshly initialised student (the caller seeds the RNG first) and what trains it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of one batch; ``teacher`` holds this batch's requested signals: ``features`` (N, C, H, W,
         not pooled) and/or ``logits``."""
-        raise NotImplementedError
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any]) -> nn.Module:
