@@ -6,6 +6,7 @@ login must already work. Extra options (``-i KEY``, ``-o ...``, ``-J JUMP``) com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -174,10 +175,9 @@ def bench_ssh(
             _check_runner(proc.returncode, proc.stderr, str(where), remote_python)
             remote.scp([f"{where.login}:{folder}/results.json"], str(Path(tmp) / "results.json"), "fetching results")
         finally:
-            try:
+            # best effort: the host may have gone away, and the error that matters is already raised
+            with contextlib.suppress(UsageError):
                 remote.ssh(f"rm -rf -- {shlex.quote(folder)}", "removing the temporary folder", timeout=60)
-            except UsageError:
-                pass  # best effort: the host may have gone away; the error that matters is already raised
         return _read_results(Path(tmp) / "results.json", str(where))
 
 
