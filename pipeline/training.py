@@ -8,7 +8,6 @@ Model selection uses the validation split only.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -272,11 +271,3 @@ def fit(
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def deepcopy_frozen(module: nn.Module) -> nn.Module:
-    """A frozen copy (no gradients, eval mode)."""
-    out = copy.deepcopy(module).eval()
-    for p in out.parameters():
-        p.requires_grad_(False)
-    return out

@@ -32,6 +32,7 @@ class ExportStage(Stage):
         from exporters.variants import compare, evaluate_onnx, make_variant
         from pipeline.data import normalize
         from pipeline.models import load_teacher, stage_data
+        from pipeline.zoo import count_parameters
         from stages.distillers import load_student
 
         conf = ctx.cfg.config.export
@@ -60,7 +61,7 @@ class ExportStage(Stage):
             )
             info["parity"] = check_parity(model, path, images)
             assert_parity(info["parity"], conf.parity.max_abs_diff, conf.parity.min_top1_agreement, path.name)
-            info["torch_parameters"] = sum(p.numel() for p in model.parameters())
+            info["torch_parameters"] = count_parameters(model)
             out["models"][name] = info
 
         test = normalize(data.test_x, data.mean, data.std).numpy()

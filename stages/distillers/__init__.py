@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.config import DistillConfig
 from pipeline.data import Batch
+from pipeline.models import frozen
 from pipeline.registry import Registry
 from pipeline.split import Split, split_model
 from pipeline.zoo import count_parameters, create_model
@@ -129,10 +130,7 @@ def teacher_split(teacher: TeacherParts, method: str) -> Split:
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A frozen copy, so a student that embeds a teacher part never shares it with the running teacher."""
-    out = copy.deepcopy(module).eval()
-    for p in out.parameters():
-        p.requires_grad_(False)
-    return out
+    return frozen(copy.deepcopy(module))
 
 
 def common_size(s_hw: tuple[int, int], t_hw: tuple[int, int]) -> tuple[int, int]:
