@@ -86,6 +86,8 @@ def run(
         cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
         baseline=baseline,
     )  # fmt: skip
+    if not report:  # a torchrun rank other than 0: rank 0 reports
+        return
     student = report["models"].get("student", {})
     top1 = student.get("accuracy", {}).get("top1")
     summary = f"student test top-1 {top1:.4f}" if top1 is not None else "no test accuracy yet"
@@ -262,3 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli`, e.g. under `torchrun -m pipeline.cli run`
+    entry()

@@ -8,6 +8,7 @@ torch: ``kdpipe status`` and config validation stay fast.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -297,8 +298,9 @@ class RuntimeConfig(Section):
     nproc: int = Field(
         1,
         ge=1,
-        description="Data-parallel training processes (gloo, CPU). Each takes train.batch_size images of every "
-        "global batch and the learning rate is scaled by nproc; part of the training stages' cache keys when > 1.",
+        description="Data-parallel training processes forked on this machine (gloo, CPU; on GPUs launch with "
+        "torchrun instead). Each takes train.batch_size images of every global batch and the learning rate is scaled "
+        "by nproc; part of the training stages' cache keys when > 1.",
     )
 
 
@@ -319,6 +321,11 @@ class PipelineConfig(Section):
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def launched_world_size() -> int:
+    """torchrun's WORLD_SIZE when it started this process as one of several, else 1 (no torch import)."""
+    return max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
 class LoadedConfig:
@@ -344,6 +351,12 @@ class LoadedConfig:
     @property
     def output_dir(self) -> Path:
         return self.resolve(self.config.output_dir)
+
+    @property
+    def data_parallel_processes(self) -> int:
+        """Processes that train together: torchrun's WORLD_SIZE when it started this one, else runtime.nproc."""
+        launched = launched_world_size()
+        return launched if launched > 1 else self.config.runtime.nproc
 
     def section(self, name: str) -> dict[str, Any]:
         """A config section as plain JSON data (what goes into a cache key)."""

@@ -1,8 +1,15 @@
-"""Data-parallel training on one machine: N processes joined in a torch.distributed process group.
+"""Data-parallel training: N processes joined in a torch.distributed process group.
 
-This process is rank 0: it keeps the result and is the only one that writes checkpoints and the cache.
-Ranks 1..N-1 are forked from it, so they inherit the models, data and closures without pickling them.
-The backend is gloo (CPU). CUDA cannot be used after a fork, so GPU runs use one process per machine.
+Two ways in, one training loop (:func:`pipeline.training.fit` asks :func:`world` for its rank and size):
+
+- ``runtime.nproc: N`` (``kdpipe run --nproc N``), CPU: this process is rank 0 and forks ranks 1..N-1
+  around each training run, so they inherit the models, data and closures without pickling them (gloo).
+  CUDA cannot be used after a fork, so this way is CPU only.
+- ``torchrun --nproc_per_node N -m pipeline.cli run ...``: every rank is a whole ``kdpipe run``; rank 0
+  plans, runs every stage and alone writes the cache, the other ranks follow it into the training stages
+  (:func:`join_launched` picks NCCL on CUDA, one GPU per local rank, and gloo on CPU).
+
+Either way rank 0 keeps the result and is the only one that writes checkpoints and the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from pipeline.config import launched_world_size
+
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)  # a dead peer is noticed at the next collective, within this
 
@@ -27,6 +36,48 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when torchrun (or another ``env://`` launcher) started this process
+    as one of several; None otherwise."""
+    size = launched_world_size()
+    if size <= 1:
+        return None
+    return int(os.environ.get("RANK") or 0), size, int(os.environ.get("LOCAL_RANK") or 0)
+
+
+def join_launched(device: torch.device) -> str:
+    """Join the process group torchrun set up (``env://``): NCCL with one GPU per local rank on CUDA, else
+    gloo. Returns the backend."""
+    rank, size, local = launched() or (0, 1, 0)
+    backend = "gloo"
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local} has no GPU (this machine has {torch.cuda.device_count()}); "
+                "use --nproc_per_node <= the GPU count"
+            )
+        torch.cuda.set_device(local)
+        backend = "nccl"
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size, timeout=TIMEOUT)
+    return backend
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (its value elsewhere is ignored)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    dist.barrier()
 
 
 def _join(rank: int, size: int, init_file: Path) -> None:
@@ -55,9 +106,13 @@ def _probe() -> None:
 
 
 def run_data_parallel(nproc: int, work_dir: Path, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in ``nproc`` processes joined in a gloo process group; return rank 0's result."""
+    """Run ``fn`` in ``nproc`` processes (this one and ``nproc - 1`` forks) joined in a gloo process group;
+    return rank 0's result."""
     if torch.cuda.is_initialized():
-        raise RuntimeError("data-parallel training forks its workers, which CUDA does not allow; use runtime.nproc: 1")
+        raise RuntimeError(
+            "runtime.nproc forks CPU workers, which CUDA does not allow; on GPUs launch with torchrun instead: "
+            "torchrun --standalone --nproc_per_node N -m pipeline.cli run -c CONFIG"
+        )
     ctx = torch.multiprocessing.get_context("fork")
     probe = ctx.Process(target=_probe)  # autograd refuses to run in a fork of some processes: find out first
     probe.start()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import Cache, FingerprintMemo, cache_key, key_payload
-from pipeline.config import LoadedConfig, load_config
+from pipeline.config import LoadedConfig, launched_world_size, load_config
 from pipeline.errors import ConfigError, GateFailure, KdpipeError, StageError, UsageError
 from pipeline.sources import dataset_fingerprint
 from stages import ORDER
@@ -130,10 +130,18 @@ def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
     import torch
 
     from pipeline.registry import UnknownNameError
+    from pipeline.training import pick_device
     from pipeline.zoo import create_model
 
     if cfg.config.runtime.threads:
         torch.set_num_threads(cfg.config.runtime.threads)
+    if cfg.config.runtime.nproc > 1 and pick_device(cfg.config.runtime.device).type == "cuda":
+        raise ConfigError(
+            "runtime.nproc",
+            "forks CPU workers, which CUDA does not allow; on GPUs start one process per GPU with torchrun: "
+            "torchrun --standalone --nproc_per_node N -m pipeline.cli run -c CONFIG (or set runtime.device: cpu)",
+            cfg.source,
+        )
     to_run = {s.stage for s in steps}
     conf = cfg.config
     names = []
@@ -170,10 +178,10 @@ def run_pipeline(
 
     Returns:
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
-        report when a gate failed.
+        report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
-    from pipeline.gates import format_table, parse_gate, recommend, run_gates
-    from pipeline.report import build_report, load_report, publish
+    from pipeline.gates import parse_gate
+    from pipeline.report import load_report
 
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
     for name in [*force, *([until] if until else [])]:
@@ -184,22 +192,101 @@ def run_pipeline(
         parse_gate(expression)
     old_report = load_report(cfg, baseline) if baseline else None
     progress = cfg.config.runtime.progress if progress is None else progress
+    group = _join_group(cfg) if launched_world_size() > 1 else None
+    try:
+        if group == "follower":
+            _follow(cfg)
+            return {}
+        return _lead(cfg, force, until, progress, echo, gates, old_report, announce=group == "leader")
+    finally:
+        if group:
+            from pipeline.distributed import leave
+
+            leave()
+
+
+def _join_group(cfg: LoadedConfig) -> str:
+    """Under torchrun: join the process group; rank 0 is the "leader", every other rank a "follower"."""
+    from pipeline.distributed import join_launched, launched
+    from pipeline.training import pick_device
+
+    if cfg.config.runtime.nproc > 1:
+        raise ConfigError(
+            "runtime.nproc",
+            f"forks its own workers; under torchrun the process count is its --nproc_per_node "
+            f"({launched_world_size()} here): drop --nproc / runtime.nproc",
+            cfg.source,
+        )
+    rank, _, _ = launched() or (0, 1, 0)
+    join_launched(pick_device(cfg.config.runtime.device))
+    return "leader" if rank == 0 else "follower"
+
+
+def _follow(cfg: LoadedConfig) -> None:
+    """A torchrun rank other than 0: rank 0 says which stages run; this rank trains beside it in those that
+    train (:meth:`Stage.data_parallel`), writing to a scratch folder, never to the cache, and waits for it
+    after every stage that runs (so the next stage finds its inputs committed)."""
+    import tempfile
+
+    from pipeline.distributed import barrier, broadcast_object
+
+    cache = Cache(cfg.cache_dir)
+    runs: list[Step] = broadcast_object(None)
+    if runs:
+        _prepare(cfg, runs)
+    shared: dict[str, Any] = {}
+    for step in runs:
+        stage = STAGES.get(step.stage)()
+        if stage.data_parallel(cfg):
+            with tempfile.TemporaryDirectory(prefix=f"kdpipe-{step.stage}-") as scratch:
+                ctx = StageContext(
+                    cfg=cfg,
+                    inputs={n: cache.entry(n, k) for n, k in step.inputs.items()},
+                    out_dir=Path(scratch),
+                    work_dir=cache.work_dir(step.stage, step.key),  # rank 0's checkpoints: resume as it does
+                    log=lambda _: None,
+                    progress=False,
+                    cache=shared,
+                    key=step.key,
+                )
+                stage.run(ctx)
+        barrier()
+
+
+def _lead(
+    cfg: LoadedConfig,
+    force: Iterable[str],
+    until: str | None,
+    progress: bool,
+    echo: Callable[[str], None],
+    gates: list[str],
+    old_report: dict[str, Any] | None,
+    announce: bool = False,
+) -> dict[str, Any]:
+    """Rank 0's (or the only process's) run: plan, run stale stages, commit, report, gate. With ``announce``
+    (under torchrun), tell the other ranks which stages run and wait for them after each."""
+    from pipeline.gates import format_table, parse_gate, recommend, run_gates
+    from pipeline.report import build_report, publish
+
     previous = read_last_run(cfg)
     steps = plan(cfg, previous)
     if until:
         steps = steps[: ORDER.index(until) + 1]
     cache = Cache(cfg.cache_dir)
+    stale = [s for s in steps if s.stage in force or cache.lookup(s.stage, s.key) is None]
+    stale_names = {s.stage for s in stale}
+    if announce:
+        from pipeline.distributed import barrier, broadcast_object
+
+        broadcast_object(stale)
     shared: dict[str, Any] = {}
     started = time.time()
-    prepared = False
+    if stale:
+        _prepare(cfg, stale)
     for step in steps:
-        manifest = None if step.stage in force else cache.lookup(step.stage, step.key)
-        if manifest is not None:
+        if step.stage not in stale_names:
             echo(f"✓ {step.stage:<9} cached  {step.key[:12]}")
             continue
-        if not prepared:
-            _prepare(cfg, [s for s in steps if s.stage in force or not s.cached])
-            prepared = True
         why = "forced" if step.stage in force else (step.reason or "not in the cache")
         echo(f"▶ {step.stage:<9} running {step.key[:12]} ({why})")
         stage = STAGES.get(step.stage)()
@@ -234,6 +321,8 @@ def run_pipeline(
         forced = step.stage in force
         cache.commit(step.stage, step.key, staging, step.payload, {"seconds": step.seconds}, replace=forced)
         echo(f"✓ {step.stage:<9} done    {step.key[:12]} in {step.seconds:.1f}s")
+        if announce:
+            barrier()
     record = {
         "config_file": str(cfg.path) if cfg.path else None,
         "started": started,

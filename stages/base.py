@@ -59,10 +59,15 @@ class Stage(abc.ABC):
         return section
 
     def training_config(self, cfg: LoadedConfig, section: dict[str, Any]) -> dict[str, Any]:
-        """For stages that train: data-parallel training changes the global batch, so it is part of the key."""
-        if cfg.config.runtime.nproc > 1:
-            section["data_parallel_processes"] = cfg.config.runtime.nproc
+        """For stages that train: data-parallel training changes the global batch, so it is part of the key
+        (the same for ``runtime.nproc: N`` and N torchrun processes)."""
+        if cfg.data_parallel_processes > 1:
+            section["data_parallel_processes"] = cfg.data_parallel_processes
         return section
+
+    def data_parallel(self, cfg: LoadedConfig) -> bool:
+        """Whether every torchrun rank runs this stage (it trains); otherwise rank 0 alone runs it."""
+        return False
 
     def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
         """Fingerprints of files outside the config that shape the result (besides the dataset)."""

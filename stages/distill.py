@@ -46,9 +46,13 @@ class DistillStage(Stage):
                 conf.pop(key, None)
         return self.training_config(cfg, section)
 
+    def data_parallel(self, cfg: LoadedConfig) -> bool:
+        return True
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
+        from pipeline.distributed import world
         from pipeline.models import load_teacher, stage_data
         from pipeline.split import split_model
         from pipeline.training import accuracy, pick_device, predict
@@ -80,6 +84,8 @@ class DistillStage(Stage):
             main = method == conf.method
             work_dir = ctx.work_dir if main else ctx.work_dir / method
             built, result = train_method(ctx, distiller, parts, teacher, info, splits, device, work_dir)
+            if world()[0] != 0:  # a torchrun follower: rank 0 evaluates, compares and saves
+                continue
             breakdown = distiller.parameter_breakdown(built)
             if conf.compare:
                 logits = predict(built.model.to(device), data.test_x, data.mean, data.std, 512, device)

@@ -26,6 +26,9 @@ class TeacherStage(Stage):
             return section
         return self.training_config(cfg, section)
 
+    def data_parallel(self, cfg: LoadedConfig) -> bool:
+        return cfg.config.teacher.source == "train"
+
     def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
         conf = cfg.config.teacher
         if conf.path and conf.source != "train":
@@ -39,6 +42,7 @@ class TeacherStage(Stage):
         import torch
         from torch import nn
 
+        from pipeline.distributed import world
         from pipeline.models import (
             TEACHER_SCRIPT,
             TEACHER_SPEC,
@@ -109,6 +113,8 @@ class TeacherStage(Stage):
                     compile=cfg.config.runtime.compile,
                     nproc=cfg.config.runtime.nproc,
                 )
+                if world()[0] != 0:  # a torchrun follower: rank 0 evaluates and saves
+                    return {}
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
             elif conf.path:
                 state = load_state_dict_file(cfg.resolve(conf.path), "teacher.path", conf.allow_pickle, cfg.source)

@@ -241,3 +241,63 @@ def test_data_parallel_training_from_the_cli(tmp_path):
                             text=True)  # fmt: skip
     assert status.stdout.splitlines()[2].split()[1] == "cached"  # distill
     assert not list((tmp_path / ".kdpipe").rglob(".dist-*"))
+
+
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "-m",
+    "pipeline.cli",
+]
+
+
+def test_torchrun_ranks_train_like_forked_workers(tmp_path):
+    """Two torchrun processes (gloo on CPU; NCCL takes the same path on GPUs) take exactly the steps of
+    `--nproc 2`: the same cache keys and the same per-epoch results. Only rank 0 prints and writes the cache."""
+    runs = {}
+    for name, cmd in (("fork", [*KDPIPE, "run", "--nproc", "2"]), ("torchrun", [*TORCHRUN, "run"])):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+        out = subprocess.run([*cmd, "--until", "distill"], cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        last = json.loads((root / ".kdpipe" / "last_run.json").read_text())
+        keys = {stage: s["key"] for stage, s in last["stages"].items()}
+        runs[name] = (out, keys, {s: json.loads((root / ".kdpipe" / s / k / "metrics.json").read_text())
+                                  for s, k in keys.items() if s in ("teacher", "distill")})  # fmt: skip
+    (_, fork_keys, fork_metrics), (tr_out, tr_keys, tr_metrics) = runs["fork"], runs["torchrun"]
+    assert tr_keys == fork_keys  # data_parallel_processes: 2 either way
+    assert tr_out.stdout.count("✓ distill   done") == 1  # rank 1 prints nothing
+    for stage in ("teacher", "distill"):
+        a, b = fork_metrics[stage]["history"], tr_metrics[stage]["history"]
+        assert [h["val_top1"] for h in a] == [h["val_top1"] for h in b]
+        assert [h["train_loss"] for h in a] == pytest.approx([h["train_loss"] for h in b], rel=1e-6, abs=1e-7)
+    status = subprocess.run([*KDPIPE, "status", "--set", "runtime.nproc=2"], cwd=tmp_path / "torchrun",
+                            capture_output=True, text=True)  # fmt: skip
+    assert [line.split()[1] for line in status.stdout.splitlines()[:3]] == ["cached"] * 3
+
+
+def test_torchrun_refuses_nproc_too(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+    out = subprocess.run(
+        [*TORCHRUN, "run", "--set", "runtime.nproc=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode != 0
+    assert "kdpipe: error: runtime.nproc: forks its own workers; under torchrun" in out.stderr
+
+
+def test_nproc_on_a_gpu_points_to_torchrun(write_config, monkeypatch, capsys):
+    """Forked workers cannot use CUDA: with a GPU present, --nproc fails at once, before any stage runs."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.chdir(write_config().parent)
+    forbid_stage_bodies(monkeypatch)
+    assert main(["run", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdpipe: error: runtime.nproc: forks CPU workers, which CUDA does not allow;")
+    assert "torchrun --standalone --nproc_per_node N -m pipeline.cli run" in err and err.count("\n") == 1
