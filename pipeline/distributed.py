@@ -38,19 +38,10 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def launched() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when torchrun (or another ``env://`` launcher) started this process
-    as one of several; None otherwise."""
-    size = launched_world_size()
-    if size <= 1:
-        return None
-    return int(os.environ.get("RANK") or 0), size, int(os.environ.get("LOCAL_RANK") or 0)
-
-
-def join_launched(device: torch.device) -> str:
+def join_launched(device: torch.device) -> int:
     """Join the process group torchrun set up (``env://``): NCCL with one GPU per local rank on CUDA, else
-    gloo. Returns the backend."""
-    rank, size, local = launched() or (0, 1, 0)
+    gloo. Returns this process's rank."""
+    rank, size, local = int(os.environ.get("RANK") or 0), launched_world_size(), int(os.environ.get("LOCAL_RANK") or 0)
     backend = "gloo"
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -61,7 +52,7 @@ def join_launched(device: torch.device) -> str:
         torch.cuda.set_device(local)
         backend = "nccl"
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size, timeout=TIMEOUT)
-    return backend
+    return rank
 
 
 def leave() -> None:

@@ -207,7 +207,7 @@ def run_pipeline(
 
 def _join_group(cfg: LoadedConfig) -> str:
     """Under torchrun: join the process group; rank 0 is the "leader", every other rank a "follower"."""
-    from pipeline.distributed import join_launched, launched
+    from pipeline.distributed import join_launched
     from pipeline.training import pick_device
 
     if cfg.config.runtime.nproc > 1:
@@ -217,9 +217,7 @@ def _join_group(cfg: LoadedConfig) -> str:
             f"({launched_world_size()} here): drop --nproc / runtime.nproc",
             cfg.source,
         )
-    rank, _, _ = launched() or (0, 1, 0)
-    join_launched(pick_device(cfg.config.runtime.device))
-    return "leader" if rank == 0 else "follower"
+    return "leader" if join_launched(pick_device(cfg.config.runtime.device)) == 0 else "follower"
 
 
 def _follow(cfg: LoadedConfig) -> None:
