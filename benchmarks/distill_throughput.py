@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="synthetic 28x28 data instead of Fashion-MNIST")
     args = parser.parse_args()
 
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
+    from kdpipe.config import load_config
+    from kdpipe.runner import run_pipeline
 
     runs = {"student-only": ("scratch", False), "naive SimKD": ("simkd", False), "kdpipe SimKD": ("simkd", True)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +87,7 @@ def main() -> None:
 def _features_seconds(cfg) -> float:
     import json
 
-    from pipeline.runner import read_last_run
+    from kdpipe.runner import read_last_run
 
     key = read_last_run(cfg)["stages"]["features"]["key"]
     return json.loads((cfg.cache_dir / "features" / key / "metrics.json").read_text())["seconds"]

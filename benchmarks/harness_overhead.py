@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from exporters.edge_runner import measure_cell
+from kdpipe.edge.runner import measure_cell
 
 INPUT_SHAPE = (1, 28, 28)
 
@@ -38,7 +38,7 @@ def small_cnn() -> tuple[str, nn.Module]:
     """The zoo's resnet8 when kdpipe's ``pipeline`` package is importable, else a plain 3-conv net."""
     torch.manual_seed(0)
     try:
-        from pipeline.zoo import create_model
+        from kdpipe.ml.zoo import create_model
 
         return "resnet8", create_model("resnet8", 10, 1).eval()
     except ImportError:

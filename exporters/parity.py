@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline.errors import StageError
+from kdpipe.errors import StageError
 
 
 def check_parity(

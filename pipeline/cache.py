@@ -5,7 +5,7 @@ Layout under the cache root::
     <stage>/<key>/           a committed entry: the stage's files + manifest.json (written last)
     <stage>/.tmp-<key>-<pid>  an entry being committed (renamed into place when complete)
     <stage>/.work-<key>/      scratch that survives a killed run (epoch checkpoints), so it resumes
-    fingerprints.json         memo of file hashes keyed by (path, size, mtime)
+    fingerprints.json         file digests remembered by (path, size, mtime): see kdpipe.fileio.FileDigests
 
 A key is the sha256 of the canonical JSON of everything that shapes the result (see :func:`cache_key`).
 An entry whose manifest is missing, unreadable or disagrees with its files is a miss: it is logged,
@@ -20,8 +20,12 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from kdpipe.fileio import sha256_file
 
 log = logging.getLogger("kdpipe")
 
@@ -37,6 +41,17 @@ def canonical_json(obj: Any) -> str:
 def cache_key(payload: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a key payload."""
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str]:
+    """Installed versions of the libraries that shape a result (part of every cache key and the report)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def key_payload(
@@ -56,46 +71,6 @@ def key_payload(
         "external": external,
         "libraries": libraries,
     }
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-class FingerprintMemo:
-    """Remembers file hashes by (path, size, mtime_ns) so unchanged large inputs are not re-read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._dirty = False
-        try:
-            self._memo: dict[str, list[Any]] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self._memo = {}
-
-    def file(self, path: Path) -> str:
-        st = path.stat()
-        real = str(path.resolve())
-        hit = self._memo.get(real)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
-        digest = sha256_file(path)
-        self._memo[real] = [st.st_size, st.st_mtime_ns, digest]
-        self._dirty = True
-        return digest
-
-    def save(self) -> None:
-        if not self._dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._memo))
-        os.replace(tmp, self.path)
-        self._dirty = False
 
 
 class Cache:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from pipeline import __version__
-from pipeline.errors import KdpipeError
-from stages import ORDER  # light: stage declarations import no torch
+from kdpipe.errors import KdpipeError
+from kdpipe.stages import ORDER  # light: stage declarations import no torch
+from kdpipe.version import __version__
 
 STAGE_NAMES = ORDER
 config_option = click.option(
@@ -39,7 +39,7 @@ baseline_option = click.option(
 
 
 def _load(config_path: str, overrides: tuple[str, ...] = ()):
-    from pipeline.config import load_config
+    from kdpipe.config import load_config
 
     return load_config(config_path, overrides)
 
@@ -79,7 +79,7 @@ def run(
     baseline: str | None,
 ) -> None:
     """Run every stale stage, write report.json in the output folder, then evaluate the gates (exit 1 on failure)."""
-    from pipeline.runner import run_pipeline
+    from kdpipe.runner import run_pipeline
 
     cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])))
     report = run_pipeline(
@@ -99,7 +99,7 @@ def run(
 @set_option
 def status(config_path: str, overrides: tuple[str, ...]) -> None:
     """Show each stage as cached or stale, and why."""
-    from pipeline.runner import plan, read_last_run
+    from kdpipe.runner import plan, read_last_run
 
     cfg = _load(config_path, overrides)
     for step in plan(cfg, read_last_run(cfg)):
@@ -114,7 +114,7 @@ def status(config_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Render this report.json.")
 def report(config_path: str, fmt: str, output: str | None, report_path: str | None) -> None:
     """Render the last run's report (json, md, junit or a self-contained html file)."""
-    from pipeline.report import load_report, render_markdown
+    from kdpipe.reporting.report import load_report, render_markdown
 
     cfg = _load(config_path)
     data = load_report(cfg, report_path)
@@ -123,11 +123,11 @@ def report(config_path: str, fmt: str, output: str | None, report_path: str | No
     elif fmt == "md":
         text = render_markdown(data)
     elif fmt == "junit":
-        from pipeline.junit import render_junit
+        from kdpipe.reporting.junit import render_junit
 
         text = render_junit(data)
     else:
-        from pipeline.html_report import render_html
+        from kdpipe.reporting.html import render_html
 
         text = render_html(data)
     if output:
@@ -153,9 +153,9 @@ def gate(
     config_path: str, overrides: tuple[str, ...], report_path: str | None, gates: tuple[str, ...], baseline: str | None
 ) -> None:
     """Evaluate the gates on the last run (or --report FILE): exit 0 all pass, 1 any fails, 2 bad input."""
-    from pipeline.errors import GateFailure
-    from pipeline.gates import format_table, parse_gate, recommend, run_gates
-    from pipeline.report import load_report, write_reports
+    from kdpipe.errors import GateFailure
+    from kdpipe.reporting.gates import format_table, parse_gate, recommend, run_gates
+    from kdpipe.reporting.report import load_report, write_reports
 
     cfg = _load(config_path, overrides)
     data = load_report(cfg, report_path)
@@ -175,7 +175,7 @@ def gate(
 @click.option("--keep-last", is_flag=True, help="Keep the entries of the last run.")
 def clean(config_path: str, keep_last: bool) -> None:
     """Remove cached stage outputs (and the output folder unless --keep-last)."""
-    from pipeline.runner import clean as do_clean
+    from kdpipe.runner import clean as do_clean
 
     removed = do_clean(_load(config_path), keep_last)
     click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
@@ -184,7 +184,7 @@ def clean(config_path: str, keep_last: bool) -> None:
 @cli.command()
 def models() -> None:
     """List the model zoo's architectures (any torchvision classifier works too, as torchvision:NAME)."""
-    from pipeline.zoo import model_names
+    from kdpipe.ml.zoo import model_names
 
     click.echo("\n".join(model_names()))
     click.echo("torchvision:<name>  (any torchvision classification model)")
@@ -201,7 +201,7 @@ model_option = click.option(
 @model_option
 def bundle(output: str, config_path: str, model_names: tuple[str, ...]) -> None:
     """Write an edge bundle of the last run: ONNX files, samples, a numpy+onnxruntime runner and its spec."""
-    from pipeline.bundle import make_bundle
+    from kdpipe.edge.bundle import make_bundle
 
     out = make_bundle(_load(config_path), Path(output), list(model_names) or None)
     click.echo(f"bundle: {out}  (on the device: python3 runner.py spec.json --out results.json)")
@@ -223,7 +223,7 @@ def bench(
     timeout: float,
 ) -> None:
     """Benchmark the last run's ONNX models on another machine over ssh (or locally) and add them to report.json."""
-    from pipeline.remote import bench_target, format_results
+    from kdpipe.edge.remote import bench_target, format_results
 
     cfg = _load(config_path)
     key, results = bench_target(cfg, target, list(model_names) or None, name, remote_python, timeout)
@@ -266,5 +266,5 @@ def entry() -> None:
     sys.exit(main())
 
 
-if __name__ == "__main__":  # `python -m pipeline.cli`, e.g. under `torchrun -m pipeline.cli run`
+if __name__ == "__main__":  # `python -m kdpipe.cli`, e.g. under `torchrun -m kdpipe.cli run`
     entry()

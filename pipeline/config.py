@@ -1,7 +1,7 @@
 """The pipeline's config schema: strict pydantic models loaded from YAML with ``yaml.safe_load``.
 
 Every field has a default and a description. Unknown keys are errors. Any problem becomes one
-:class:`~pipeline.errors.ConfigError` naming the key path and the file. This module must not import
+:class:`~kdpipe.errors.ConfigError` naming the key path and the file. This module must not import
 torch: ``kdpipe status`` and config validation stay fast.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from kdpipe.errors import ConfigError
 
 
 class Section(BaseModel):

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from pipeline.errors import UsageError
+from kdpipe.errors import UsageError
 
 T = TypeVar("T")
 

@@ -12,29 +12,19 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Cache, FingerprintMemo, cache_key, key_payload
-from pipeline.config import LoadedConfig, launched_world_size, load_config
-from pipeline.errors import ConfigError, GateFailure, KdpipeError, StageError, UsageError
-from pipeline.sources import dataset_fingerprint
-from stages import ORDER
-from stages.base import METRICS, STAGES, StageContext
+from kdpipe.cache import Cache, cache_key, key_payload, library_versions
+from kdpipe.config import LoadedConfig, launched_world_size, load_config
+from kdpipe.errors import ConfigError, GateFailure, KdpipeError, StageError, UsageError
+from kdpipe.fileio import FileDigests
+from kdpipe.ml.sources import dataset_fingerprint
+from kdpipe.stages import ORDER
+from kdpipe.stages.base import METRICS, STAGES, StageContext
 
 log = logging.getLogger("kdpipe")
 LAST_RUN = "last_run.json"
-
-
-def library_versions(names: Iterable[str]) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 @dataclass
@@ -54,7 +44,7 @@ class Step:
 def plan(cfg: LoadedConfig, previous: dict[str, Any] | None = None) -> list[Step]:
     """Every stage's cache key, in order, and whether it is cached (and if not, why)."""
     cache = Cache(cfg.cache_dir)
-    memo = FingerprintMemo(cfg.cache_dir / "fingerprints.json")
+    memo = FileDigests(cfg.cache_dir / "fingerprints.json")
     dataset: dict[str, Any] | None = None
     keys: dict[str, str] = {}
     steps = []
@@ -129,9 +119,9 @@ def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
     ``distill.student`` fails now rather than after the teacher has trained."""
     import torch
 
-    from pipeline.registry import UnknownNameError
-    from pipeline.training import pick_device
-    from pipeline.zoo import create_model
+    from kdpipe.ml.training import pick_device
+    from kdpipe.ml.zoo import create_model
+    from kdpipe.registry import UnknownNameError
 
     if cfg.config.runtime.threads:
         torch.set_num_threads(cfg.config.runtime.threads)
@@ -139,7 +129,7 @@ def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
         raise ConfigError(
             "runtime.nproc",
             "forks CPU workers, which CUDA does not allow; on GPUs start one process per GPU with torchrun: "
-            "torchrun --standalone --nproc_per_node N -m pipeline.cli run -c CONFIG (or set runtime.device: cpu)",
+            "torchrun --standalone --nproc_per_node N -m kdpipe.cli run -c CONFIG (or set runtime.device: cpu)",
             cfg.source,
         )
     to_run = {s.stage for s in steps}
@@ -180,8 +170,8 @@ def run_pipeline(
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
         report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
-    from pipeline.gates import parse_gate
-    from pipeline.report import load_report
+    from kdpipe.reporting.gates import parse_gate
+    from kdpipe.reporting.report import load_report
 
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
     for name in [*force, *([until] if until else [])]:
@@ -200,15 +190,15 @@ def run_pipeline(
         return _lead(cfg, force, until, progress, echo, gates, old_report, announce=group == "leader")
     finally:
         if group:
-            from pipeline.distributed import leave
+            from kdpipe.ml.distributed import leave
 
             leave()
 
 
 def _join_group(cfg: LoadedConfig) -> str:
     """Under torchrun: join the process group; rank 0 is the "leader", every other rank a "follower"."""
-    from pipeline.distributed import join_launched
-    from pipeline.training import pick_device
+    from kdpipe.ml.distributed import join_launched
+    from kdpipe.ml.training import pick_device
 
     if cfg.config.runtime.nproc > 1:
         raise ConfigError(
@@ -226,7 +216,7 @@ def _follow(cfg: LoadedConfig) -> None:
     after every stage that runs (so the next stage finds its inputs committed)."""
     import tempfile
 
-    from pipeline.distributed import barrier, broadcast_object
+    from kdpipe.ml.distributed import barrier, broadcast_object
 
     cache = Cache(cfg.cache_dir)
     runs: list[Step] = broadcast_object(None)
@@ -263,8 +253,8 @@ def _lead(
 ) -> dict[str, Any]:
     """Rank 0's (or the only process's) run: plan, run stale stages, commit, report, gate. With ``announce``
     (under torchrun), tell the other ranks which stages run and wait for them after each."""
-    from pipeline.gates import format_table, parse_gate, recommend, run_gates
-    from pipeline.report import build_report, publish
+    from kdpipe.reporting.gates import format_table, parse_gate, recommend, run_gates
+    from kdpipe.reporting.report import build_report, publish
 
     previous = read_last_run(cfg)
     steps = plan(cfg, previous)
@@ -274,7 +264,7 @@ def _lead(
     stale = [s for s in steps if s.stage in force or cache.lookup(s.stage, s.key) is None]
     stale_names = {s.stage for s in stale}
     if announce:
-        from pipeline.distributed import barrier, broadcast_object
+        from kdpipe.ml.distributed import barrier, broadcast_object
 
         broadcast_object(stale)
     shared: dict[str, Any] = {}

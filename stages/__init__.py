@@ -1,7 +1,7 @@
 """The five stages, in the order they run. Importing this package registers them (and imports no torch)."""
 
-from stages import benchmark, distill, export, features, teacher, validate  # noqa: F401 - registration
-from stages.base import STAGES, Stage, StageContext
+from kdpipe.stages import benchmark, distill, export, features, teacher, validate  # noqa: F401 - registration
+from kdpipe.stages.base import STAGES, Stage, StageContext
 
 ORDER = ("teacher", "features", "distill", "validate", "export", "benchmark")
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.cache import FingerprintMemo
-from pipeline.config import LoadedConfig
-from pipeline.registry import Registry
+from kdpipe.config import LoadedConfig
+from kdpipe.fileio import FileDigests
+from kdpipe.registry import Registry
 
 METRICS = "metrics.json"
 
@@ -69,7 +69,7 @@ class Stage(abc.ABC):
         """Whether every torchrun rank runs this stage (it trains); otherwise rank 0 alone runs it."""
         return False
 
-    def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
+    def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
         """Fingerprints of files outside the config that shape the result (besides the dataset)."""
         return {}
 

@@ -1,6 +1,6 @@
 """benchmark: ONNX Runtime latency of every exported model over batch sizes × threads × providers.
 
-The measuring is done by ``exporters/edge_runner.py``, the same single-file runner an edge bundle
+The measuring is done by ``kdpipe/edge/runner.py``, the same single-file runner an edge bundle
 carries, in one child process per model (a fair peak-RSS figure each, no torch thread pools in the
 way). PyTorch eager latency of teacher and student is measured beside it as a reference.
 """
@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import StageError, UsageError
-from stages.base import STAGES, Stage, StageContext, read_metrics
-
-RUNNER = Path(__file__).resolve().parents[1] / "exporters" / "edge_runner.py"
+from kdpipe.edge import RUNNER
+from kdpipe.errors import StageError, UsageError
+from kdpipe.stages.base import STAGES, Stage, StageContext, read_metrics
 
 
 def providers_to_measure(requested: list[str]) -> list[str]:
@@ -53,9 +52,9 @@ def pytorch_latency(ctx: StageContext, batch_sizes: list[int], threads: int) -> 
     """Eager PyTorch latency of teacher and student (same timing rules as the ONNX cells, one round)."""
     import torch
 
-    from pipeline.latency import measure_session, summarize
-    from pipeline.models import load_teacher
-    from stages.distillers import load_student
+    from kdpipe.edge.latency import measure_session, summarize
+    from kdpipe.ml.models import load_teacher
+    from kdpipe.stages.distillers import load_student
 
     conf = ctx.cfg.config.benchmark
     torch.set_num_threads(threads)

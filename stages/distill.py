@@ -17,16 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import LoadedConfig
-from pipeline.errors import ConfigError
-from stages.base import STAGES, Stage, StageContext, read_metrics
+from kdpipe.config import LoadedConfig
+from kdpipe.errors import ConfigError
+from kdpipe.stages.base import STAGES, Stage, StageContext, read_metrics
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.data import Batch, Splits
-    from stages.distillers import Built, DataInfo, Distiller, TeacherParts
+    from kdpipe.ml.data import Batch, Splits
+    from kdpipe.stages.distillers import Built, DataInfo, Distiller, TeacherParts
 
 
 @STAGES.register("distill")
@@ -52,11 +52,11 @@ class DistillStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from pipeline.distributed import world
-        from pipeline.models import load_teacher, stage_data
-        from pipeline.split import split_model
-        from pipeline.training import accuracy, pick_device, predict
-        from stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo, TeacherParts
+        from kdpipe.ml.distributed import world
+        from kdpipe.ml.models import load_teacher, stage_data
+        from kdpipe.ml.split import split_model
+        from kdpipe.ml.training import accuracy, pick_device, predict
+        from kdpipe.stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo, TeacherParts
 
         cfg, conf = ctx.cfg, ctx.cfg.config.distill
         data, splits = stage_data(ctx)
@@ -135,8 +135,8 @@ def train_method(
     """Build ``distiller``'s student (seeded) and train it with the shared loop; the result adds ``seconds``."""
     import torch
 
-    from pipeline.training import fit
-    from stages.distillers import OnlineTeacher
+    from kdpipe.ml.training import fit
+    from kdpipe.stages.distillers import OnlineTeacher
 
     cfg, conf = ctx.cfg, ctx.cfg.config.distill
     channels_last = cfg.config.runtime.channels_last
@@ -145,7 +145,7 @@ def train_method(
     teacher_signals: Callable[[Batch], dict[str, torch.Tensor]] | None = None
     views = None
     if "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
-        from stages.features import CachedTeacher
+        from kdpipe.stages.features import CachedTeacher
 
         cached = CachedTeacher(ctx.inputs["features"], device)
         views = cached.views  # every method, even scratch, trains on the same precomputed views

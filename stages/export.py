@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import __version__
-from stages.base import STAGES, Stage, StageContext
+from kdpipe.stages.base import STAGES, Stage, StageContext
+from kdpipe.version import __version__
 
 SAMPLES = "samples.npz"
 
@@ -27,13 +27,13 @@ class ExportStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import numpy as np
 
-        from exporters.onnx_export import export_onnx, stamp_metadata
-        from exporters.parity import assert_parity, check_parity
-        from exporters.variants import compare, evaluate_onnx, make_variant
-        from pipeline.data import normalize
-        from pipeline.models import load_teacher, stage_data
-        from pipeline.zoo import count_parameters
-        from stages.distillers import load_student
+        from kdpipe.exporters.onnx_export import export_onnx, stamp_metadata
+        from kdpipe.exporters.parity import assert_parity, check_parity
+        from kdpipe.exporters.variants import compare, evaluate_onnx, make_variant
+        from kdpipe.ml.data import normalize
+        from kdpipe.ml.models import load_teacher, stage_data
+        from kdpipe.ml.zoo import count_parameters
+        from kdpipe.stages.distillers import load_student
 
         conf = ctx.cfg.config.export
         data, splits = stage_data(ctx)

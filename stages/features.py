@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.base import STAGES, Stage, StageContext
+from kdpipe.stages.base import STAGES, Stage, StageContext
 
 FEATURES = "features.npy"
 LOGITS = "logits.npy"
@@ -45,10 +45,10 @@ class FeaturesStage(Stage):
         import torch
         from tqdm import tqdm
 
-        from pipeline.data import apply_params, make_view_table, normalize
-        from pipeline.models import frozen, load_teacher, stage_data
-        from pipeline.split import split_model
-        from pipeline.training import pick_device
+        from kdpipe.ml.data import apply_params, make_view_table, normalize
+        from kdpipe.ml.models import frozen, load_teacher, stage_data
+        from kdpipe.ml.split import split_model
+        from kdpipe.ml.training import pick_device
 
         data, splits = stage_data(ctx)
         teacher, tspec = load_teacher(ctx.inputs["teacher"])
@@ -125,13 +125,13 @@ class FeaturesStage(Stage):
 
 
 class CachedTeacher:
-    """Teacher signals for a :class:`~pipeline.data.Batch` read from the features stage's artifact."""
+    """Teacher signals for a :class:`~kdpipe.ml.data.Batch` read from the features stage's artifact."""
 
     def __init__(self, folder: Path, device: Any) -> None:
         import numpy as np
         import torch
 
-        from pipeline.data import ViewTable
+        from kdpipe.ml.data import ViewTable
 
         self.info = json.loads((folder / INFO).read_text())
         self.index = torch.from_numpy(np.load(folder / INDEX))

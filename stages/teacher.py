@@ -7,10 +7,10 @@ import shutil
 import time
 from typing import Any
 
-from pipeline.cache import FingerprintMemo
-from pipeline.config import LoadedConfig
-from pipeline.errors import ConfigError
-from stages.base import STAGES, Stage, StageContext
+from kdpipe.config import LoadedConfig
+from kdpipe.errors import ConfigError
+from kdpipe.fileio import FileDigests
+from kdpipe.stages.base import STAGES, Stage, StageContext
 
 
 @STAGES.register("teacher")
@@ -29,7 +29,7 @@ class TeacherStage(Stage):
     def data_parallel(self, cfg: LoadedConfig) -> bool:
         return cfg.config.teacher.source == "train"
 
-    def external(self, cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
+    def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
         conf = cfg.config.teacher
         if conf.path and conf.source != "train":
             path = cfg.resolve(conf.path)
@@ -42,8 +42,8 @@ class TeacherStage(Stage):
         import torch
         from torch import nn
 
-        from pipeline.distributed import world
-        from pipeline.models import (
+        from kdpipe.ml.distributed import world
+        from kdpipe.ml.models import (
             TEACHER_SCRIPT,
             TEACHER_SPEC,
             TEACHER_STATE,
@@ -53,8 +53,8 @@ class TeacherStage(Stage):
             load_state_dict_file,
             stage_data,
         )
-        from pipeline.training import accuracy, fit, pick_device, predict
-        from pipeline.zoo import create_model
+        from kdpipe.ml.training import accuracy, fit, pick_device, predict
+        from kdpipe.ml.zoo import create_model
 
         cfg, conf = ctx.cfg, ctx.cfg.config.teacher
         data, splits = stage_data(ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.base import STAGES, Stage, StageContext
+from kdpipe.stages.base import STAGES, Stage, StageContext
 
 
 @STAGES.register("validate")
@@ -15,9 +15,9 @@ class ValidateStage(Stage):
     uses_data = True
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from pipeline.models import load_teacher, stage_data
-        from pipeline.training import classification_metrics, pick_device, predict
-        from stages.distillers import load_student
+        from kdpipe.ml.models import load_teacher, stage_data
+        from kdpipe.ml.training import classification_metrics, pick_device, predict
+        from kdpipe.stages.distillers import load_student
 
         data, _ = stage_data(ctx)
         device = pick_device(ctx.cfg.config.runtime.device)

@@ -7,205 +7,41 @@ export and benchmark never need the teacher file. The stage owns the training lo
 signals (:class:`OnlineTeacher` runs the frozen teacher on every batch), resuming and model selection.
 """
 
-from __future__ import annotations
+from kdpipe.stages.distillers import fitnet, kd, scratch, simkd  # noqa: F401 - registers the methods
+from kdpipe.stages.distillers.base import (
+    DISTILLERS,
+    SIGNALS,
+    STUDENT_SPEC,
+    STUDENT_STATE,
+    Built,
+    DataInfo,
+    Distiller,
+    OnlineTeacher,
+    TeacherParts,
+    common_size,
+    frozen_copy,
+    load_student,
+    pool,
+    spec_shapes,
+    split_student,
+    teacher_split,
+)
 
-import abc
-import copy
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pipeline.config import DistillConfig
-from pipeline.data import Batch
-from pipeline.models import frozen
-from pipeline.registry import Registry
-from pipeline.split import Split, split_model
-from pipeline.zoo import count_parameters, create_model
-
-SIGNALS = frozenset({"features", "logits"})
-STUDENT_STATE = "student.pt"
-STUDENT_SPEC = "student.json"
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a student is built for: class count, input shape (C, H, W) and class names."""
-
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    classes: list[str]
-
-    @property
-    def in_channels(self) -> int:
-        return self.input_shape[0]
-
-    def example(self) -> torch.Tensor:
-        """A zero batch of the input shape: what fx shape propagation runs on, once."""
-        return torch.zeros(2, *self.input_shape)
-
-
-@dataclass(frozen=True)
-class TeacherParts:
-    """The frozen teacher as a method sees it when building: its architecture name and, when some method
-    of the run needs feature maps, its body/head split (``None`` otherwise, and for a TorchScript teacher)."""
-
-    arch: str | None
-    split: Split | None
-
-
-@dataclass
-class Built:
-    """What :meth:`Distiller.build` returns.
-
-    Attributes:
-        model: the deployable student (images → logits); saved as ``student.pt``.
-        trainable: what is optimised, checkpointed and selected on val; maps images → logits like ``model``
-            and contains it (it may add training-only parts, e.g. FitNet's regressor).
-        spec: JSON facts :meth:`Distiller.rebuild` needs (saved as ``student.json``) plus the hyper-parameters.
-    """
-
-    model: nn.Module
-    trainable: nn.Module
-    spec: dict[str, Any]
-
-
-class Distiller(abc.ABC):
-    """Base class of a distillation method. Subclasses set ``name``/``title``/``signals``, ``build`` and ``loss``."""
-
-    name: ClassVar[str]
-    title: ClassVar[str]
-    #: what the method needs from the frozen teacher per batch: a subset of {"features", "logits"}
-    signals: ClassVar[frozenset[str]] = frozenset()
-    #: why it cannot use a TorchScript teacher (only read when "features" is in ``signals``)
-    why_features: ClassVar[str] = "needs the teacher's last feature map"
-
-    @abc.abstractmethod
-    def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
-        """A freshly initialised student (the caller seeds the RNG first) and what trains it."""
-
-    @abc.abstractmethod
-    def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of one batch; ``teacher`` holds this batch's requested signals: ``features`` (N, C, H, W,
-        not pooled) and/or ``logits``."""
-
-    @classmethod
-    def rebuild(cls, spec: dict[str, Any]) -> nn.Module:
-        """The deployable student, freshly initialised, from its spec alone. Default: the plain zoo student."""
-        return create_model(spec["student_arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"])
-
-    def parameter_breakdown(self, built: Built) -> dict[str, int]:
-        """Parameters of the deployable student (``total``, and its parts where it has some)."""
-        n = count_parameters(built.model)
-        return {"student": n, "total": n}
-
-    def base_spec(self, teacher: TeacherParts, student_arch: str, data: DataInfo) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "student_arch": student_arch,
-            "teacher_arch": teacher.arch,
-            "num_classes": data.num_classes,
-            "in_channels": data.in_channels,
-            "input_shape": list(data.input_shape),
-            "classes": list(data.classes),
-        }
-
-
-DISTILLERS: Registry[type[Distiller]] = Registry("distillation method")
-
-
-def split_student(model: nn.Module, data: DataInfo, node: str | None) -> Split:
-    return split_model(model, data.example(), node, what="distill.student")
-
-
-def teacher_split(teacher: TeacherParts, method: str) -> Split:
-    if teacher.split is None:
-        raise ValueError(f"{method} needs the teacher's body/head split")
-    return teacher.split
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A frozen copy, so a student that embeds a teacher part never shares it with the running teacher."""
-    return frozen(copy.deepcopy(module))
-
-
-def common_size(s_hw: tuple[int, int], t_hw: tuple[int, int]) -> tuple[int, int]:
-    """The smaller of the two spatial sizes: the larger map is average-pooled down to it."""
-    return (min(s_hw[0], t_hw[0]), min(s_hw[1], t_hw[1]))
-
-
-def spec_shapes(s_shape: tuple[int, int, int], t_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """The feature-map facts of a student/teacher pair: both shapes and what each map is pooled to (or None)."""
-    size = common_size(s_shape[1:], t_shape[1:])  # type: ignore[arg-type]
-    return {
-        "student_feature_shape": list(s_shape),
-        "teacher_feature_shape": list(t_shape),
-        "student_pool_to": list(size) if tuple(size) != tuple(s_shape[1:]) else None,
-        "teacher_pool_to": list(size) if tuple(size) != tuple(t_shape[1:]) else None,
-    }
-
-
-def pool(x: torch.Tensor, size: list[int] | tuple[int, int] | None) -> torch.Tensor:
-    return x if size is None else F.adaptive_avg_pool2d(x, tuple(size))
-
-
-class OnlineTeacher:
-    """Teacher signals computed on the fly: the frozen teacher runs (no grad) on every training batch.
-
-    ``teacher_signals(batch) -> {"features": ..., "logits": ...}`` with only the requested keys; nothing
-    runs when none is requested. Features come from the split's body (and logits from its head on those
-    same features); logits alone come from the whole model, which may be a TorchScript module.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        split: Split | None,
-        signals: frozenset[str],
-        device: torch.device,
-        channels_last: bool = False,
-    ) -> None:
-        unknown = set(signals) - SIGNALS
-        if unknown:
-            raise ValueError(f"unknown teacher signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
-        if "features" in signals and split is None:
-            raise ValueError("teacher features need the teacher's body/head split")
-        self.signals = frozenset(signals)
-        features, logits = "features" in signals, "logits" in signals
-        self.body = split.body if features and split else None
-        self.head = split.head if features and logits and split else None
-        self.model = model if logits and not features else None
-        for part in (self.body, self.head, self.model):
-            if part is not None:
-                for p in part.parameters():
-                    p.requires_grad_(False)
-                part.eval().to(device)
-                if channels_last:
-                    part.to(memory_format=torch.channels_last)
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if self.body is not None:
-            out["features"] = self.body(batch.x)
-            if self.head is not None:
-                out["logits"] = self.head(out["features"])
-        elif self.model is not None:
-            out["logits"] = self.model(batch.x)
-        return out
-
-
-def load_student(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The deployable student committed by the distill stage, in eval mode, and its spec."""
-    spec = json.loads((folder / STUDENT_SPEC).read_text())
-    model = DISTILLERS.get(spec.get("method", "simkd")).rebuild(spec)
-    model.load_state_dict(torch.load(folder / STUDENT_STATE, map_location="cpu", weights_only=True))
-    return model.eval(), spec
-
-
-# Imported last so that their @DISTILLERS.register() decorators see DISTILLERS.
-from stages.distillers import fitnet, kd, scratch, simkd  # noqa: E402, F401
+__all__ = [
+    "DISTILLERS",
+    "SIGNALS",
+    "STUDENT_SPEC",
+    "STUDENT_STATE",
+    "Built",
+    "DataInfo",
+    "Distiller",
+    "OnlineTeacher",
+    "TeacherParts",
+    "common_size",
+    "frozen_copy",
+    "load_student",
+    "pool",
+    "spec_shapes",
+    "split_student",
+    "teacher_split",
+]

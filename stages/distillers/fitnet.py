@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import DistillConfig
-from pipeline.data import Batch
-from pipeline.errors import UsageError
-from pipeline.zoo import create_model
-from stages.distillers import (
+from kdpipe.config import DistillConfig
+from kdpipe.errors import UsageError
+from kdpipe.ml.data import Batch
+from kdpipe.ml.zoo import create_model
+from kdpipe.stages.distillers.base import (
     DISTILLERS,
     Built,
     DataInfo,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DistillConfig
-from pipeline.data import Batch
-from pipeline.zoo import create_model
-from stages.distillers import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
+from kdpipe.config import DistillConfig
+from kdpipe.ml.data import Batch
+from kdpipe.ml.zoo import create_model
+from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
 
 
 @DISTILLERS.register("scratch")

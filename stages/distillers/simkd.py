@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import DistillConfig
-from pipeline.data import Batch
-from pipeline.split import split_model
-from pipeline.zoo import count_parameters, create_model
-from stages.distillers import (
+from kdpipe.config import DistillConfig
+from kdpipe.ml.data import Batch
+from kdpipe.ml.split import split_model
+from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.stages.distillers.base import (
     DISTILLERS,
     Built,
     DataInfo,

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.cli import main
+from kdpipe.cli import main
+from kdpipe.edge import RUNNER
 
 SSHD = Path("/usr/sbin/sshd")
 BENCH = {"batch_sizes": [1, 2], "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "max_seconds": 2.0, "rounds": 2}
@@ -104,7 +105,7 @@ def check_bundle(folder: Path, models: set[str]) -> None:
         }
     with np.load(folder / "samples.npz") as npz:
         assert set(npz.files) == {"images"} | {f"expected_{m}" for m in models}
-    runner = Path(__file__).parents[2] / "exporters" / "edge_runner.py"
+    runner = RUNNER
     assert (folder / "runner.py").read_bytes() == runner.read_bytes()
     assert "python3 runner.py spec.json --out results.json" in (folder / "README.txt").read_text()
 

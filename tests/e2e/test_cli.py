@@ -12,11 +12,11 @@ import time
 import pytest
 import yaml
 
-from pipeline.cli import main
-from stages import STAGES
+from kdpipe.cli import main
+from kdpipe.stages import STAGES
 from tests.conftest import TINY, deep_merge
 
-KDPIPE = [sys.executable, "-c", "from pipeline.cli import entry; entry()"]
+KDPIPE = [sys.executable, "-c", "from kdpipe.cli import entry; entry()"]
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +251,7 @@ TORCHRUN = [
     "--nproc_per_node",
     "2",
     "-m",
-    "pipeline.cli",
+    "kdpipe.cli",
 ]
 
 
@@ -300,4 +300,4 @@ def test_nproc_on_a_gpu_points_to_torchrun(write_config, monkeypatch, capsys):
     assert main(["run", "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kdpipe: error: runtime.nproc: forks CPU workers, which CUDA does not allow;")
-    assert "torchrun --standalone --nproc_per_node N -m pipeline.cli run" in err and err.count("\n") == 1
+    assert "torchrun --standalone --nproc_per_node N -m kdpipe.cli run" in err and err.count("\n") == 1

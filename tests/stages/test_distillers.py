@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import DistillConfig, DistillMethod, load_config
-from pipeline.data import Batch, load_dataset, make_splits
-from pipeline.errors import ConfigError
-from pipeline.html_report import render_html
-from pipeline.report import render_markdown
-from pipeline.runner import run_pipeline
-from pipeline.split import split_model
-from pipeline.training import accuracy, predict
-from pipeline.zoo import count_parameters, create_model
-from stages.distillers import DISTILLERS, DataInfo, OnlineTeacher, TeacherParts, load_student
-from stages.distillers.kd import kd_loss
+from kdpipe.config import DistillConfig, DistillMethod, load_config
+from kdpipe.errors import ConfigError
+from kdpipe.ml.data import Batch, load_dataset, make_splits
+from kdpipe.ml.split import split_model
+from kdpipe.ml.training import accuracy, predict
+from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.reporting.html import render_html
+from kdpipe.reporting.report import render_markdown
+from kdpipe.runner import run_pipeline
+from kdpipe.stages.distillers import DISTILLERS, DataInfo, OnlineTeacher, TeacherParts, load_student
+from kdpipe.stages.distillers.kd import kd_loss
 
 METHODS = ["simkd", "kd", "fitnet", "scratch"]
 PLAIN = count_parameters(create_model("tiny_cnn", num_classes=4, in_channels=1))

@@ -1,4 +1,4 @@
-"""Tests for exporters/edge_runner.py, the stand-alone benchmark runner shipped in edge bundles.
+"""Tests for kdpipe/edge/runner.py, the stand-alone benchmark runner shipped in edge bundles.
 
 The runner is run as a subprocess (as on a device), on two tiny ONNX models exported here with torch; one test runs it
 in a fresh virtual environment holding only numpy and onnxruntime.
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporters import edge_runner
+from kdpipe.edge import runner as edge_runner
 from tests.conftest import clean_env
 
 RUNNER = Path(edge_runner.__file__).resolve()

@@ -1,4 +1,4 @@
-"""Tests for exporters.onnx_export and exporters.parity on a tiny conv net."""
+"""Tests for kdpipe.exporters.onnx_export and kdpipe.exporters.parity on a tiny conv net."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from exporters.onnx_export import export_onnx, onnx_parameter_count
-from exporters.parity import assert_parity, check_parity
-from pipeline.errors import StageError, UsageError
+from kdpipe.errors import StageError, UsageError
+from kdpipe.exporters.onnx_export import export_onnx, onnx_parameter_count
+from kdpipe.exporters.parity import assert_parity, check_parity
 
 INPUT_SHAPE = (1, 8, 8)
 METADATA = {"kdpipe.model": "tiny", "kdpipe.num_classes": "3"}
@@ -120,7 +120,7 @@ def test_parity_agreement_failure_names_both_figures() -> None:
 
 
 def test_benchmark_rejects_unavailable_provider() -> None:
-    from stages.benchmark import providers_to_measure
+    from kdpipe.stages.benchmark import providers_to_measure
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDAExecutionProvider is available here")

@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
-from pipeline.config import load_config
-from pipeline.data import Augment, apply_params, load_dataset, make_splits, make_view_table, train_batches
-from pipeline.models import load_teacher
-from pipeline.runner import read_last_run, run_pipeline
-from pipeline.split import split_model
-from stages.features import CachedTeacher
+from kdpipe.config import load_config
+from kdpipe.ml.data import Augment, apply_params, load_dataset, make_splits, make_view_table, train_batches
+from kdpipe.ml.models import load_teacher
+from kdpipe.ml.split import split_model
+from kdpipe.runner import read_last_run, run_pipeline
+from kdpipe.stages.features import CachedTeacher
 
 
 def test_view_zero_is_the_plain_image_and_views_replay():

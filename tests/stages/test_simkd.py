@@ -1,11 +1,11 @@
 import torch
 from torch import nn
 
-from pipeline.data import Batch
-from pipeline.split import split_model
-from pipeline.zoo import create_model
-from stages.distillers import Built, spec_shapes
-from stages.distillers.simkd import Projector, SimKD, SimKDStudent
+from kdpipe.ml.data import Batch
+from kdpipe.ml.split import split_model
+from kdpipe.ml.zoo import create_model
+from kdpipe.stages.distillers import Built, spec_shapes
+from kdpipe.stages.distillers.simkd import Projector, SimKD, SimKDStudent
 
 
 def test_projector_is_the_papers():

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import UsageError
-from pipeline.split import split_model
-from pipeline.zoo import create_model, model_names
+from kdpipe.errors import UsageError
+from kdpipe.ml.split import split_model
+from kdpipe.ml.zoo import create_model, model_names
 
 X = torch.randn(2, 1, 28, 28)
 

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.models import load_teacher
-from pipeline.runner import run_pipeline
-from pipeline.zoo import create_model
+from kdpipe.config import load_config
+from kdpipe.errors import ConfigError
+from kdpipe.ml.models import load_teacher
+from kdpipe.ml.zoo import create_model
+from kdpipe.runner import run_pipeline
 
 
 def run_teacher(write_config, teacher: dict, until="teacher"):

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import TrainConfig, load_config
-from pipeline.data import load_dataset, make_splits
-from pipeline.training import CHECKPOINT, fit
-from pipeline.zoo import create_model
+from kdpipe.config import TrainConfig, load_config
+from kdpipe.ml.data import load_dataset, make_splits
+from kdpipe.ml.training import CHECKPOINT, fit
+from kdpipe.ml.zoo import create_model
 
 
 class Killed(Exception):
@@ -93,8 +93,8 @@ def _in_fresh_python(code: str) -> dict:
 COMPARE = """
 import json, sys, torch
 from pathlib import Path
-from pipeline.config import load_config
-from pipeline.data import load_dataset, make_splits
+from kdpipe.config import load_config
+from kdpipe.ml.data import load_dataset, make_splits
 from tests.stages.test_training import _fit_data_parallel
 torch.set_num_threads(1)
 cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else {config!r})

@@ -1,4 +1,4 @@
-"""Tests for exporters.variants on a small trained CNN shaped like a real student (conv-BN-ReLU ×2, pool, linear)."""
+"""Tests for kdpipe.exporters.variants on a small trained CNN shaped like a real student (conv-BN-ReLU, linear)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
+from kdpipe.exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
 
 CLASSES = 4
 SIZE = 12

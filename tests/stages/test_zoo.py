@@ -8,9 +8,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UsageError
-from pipeline.registry import UnknownNameError
-from pipeline.zoo import GrayToRGB, count_parameters, create_model, model_names
+from kdpipe.errors import UsageError
+from kdpipe.ml.zoo import GrayToRGB, count_parameters, create_model, model_names
+from kdpipe.registry import UnknownNameError
 
 torch.set_num_threads(1)
 

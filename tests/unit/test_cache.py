@@ -2,7 +2,8 @@ import json
 import logging
 import os
 
-from pipeline.cache import Cache, FingerprintMemo, cache_key, canonical_json, key_payload
+from kdpipe.cache import Cache, cache_key, canonical_json, key_payload
+from kdpipe.fileio import FileDigests
 
 PAYLOAD = key_payload(
     "distill",
@@ -73,15 +74,15 @@ def test_uncommitted_staging_is_not_an_entry(tmp_path):
 def test_fingerprint_memo_rehashes_only_changed_files(tmp_path, monkeypatch):
     f = tmp_path / "data.bin"
     f.write_bytes(b"one")
-    memo = FingerprintMemo(tmp_path / "fp.json")
+    memo = FileDigests(tmp_path / "fp.json")
     first = memo.file(f)
     memo.save()
     calls = []
-    import pipeline.cache as cache_mod
+    import kdpipe.cache as cache_mod
 
     real = cache_mod.sha256_file
     monkeypatch.setattr(cache_mod, "sha256_file", lambda p: calls.append(p) or real(p))
-    again = FingerprintMemo(tmp_path / "fp.json")
+    again = FileDigests(tmp_path / "fp.json")
     assert again.file(f) == first and calls == []
     f.write_bytes(b"two!")
     assert again.file(f) != first and len(calls) == 1

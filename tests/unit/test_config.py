@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PipelineConfig, load_config, parse_config
-from pipeline.errors import ConfigError
+from kdpipe.config import PipelineConfig, load_config, parse_config
+from kdpipe.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

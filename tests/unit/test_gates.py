@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from pipeline.config import BaselineConfig, GateConfig
-from pipeline.errors import UsageError
-from pipeline.gates import bootstrap_ratio, compare_baseline, format_table, parse_gate, run_gates
+from kdpipe.config import BaselineConfig, GateConfig
+from kdpipe.errors import UsageError
+from kdpipe.reporting.gates import bootstrap_ratio, compare_baseline, format_table, parse_gate, run_gates
 
 
 def lat(p50, rounds):

@@ -6,7 +6,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-from pipeline.html_report import render_html, write_html
+from kdpipe.reporting.html import render_html, write_html
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
@@ -159,5 +159,5 @@ def test_write_html(tmp_path: Path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, pipeline.html_report; assert 'matplotlib' not in sys.modules"
+    code = "import sys, kdpipe.reporting.html; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

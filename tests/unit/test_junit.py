@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.junit import render_junit, write_junit
+from kdpipe.reporting.junit import render_junit, write_junit
 
 xmlschema = pytest.importorskip(
     "xmlschema", reason="xmlschema is needed to validate the JUnit output against the Ant schema"

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from exporters import edge_runner
-from pipeline.config import BaselineConfig
-from pipeline.gates import compare_baseline
+from kdpipe.config import BaselineConfig
+from kdpipe.edge import runner as edge_runner
+from kdpipe.reporting.gates import compare_baseline
 
 
 class SleepySession:

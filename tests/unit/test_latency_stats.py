@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.latency's statistics and timing loop (no onnxruntime session needed)."""
+"""Unit tests for kdpipe.edge.latency's statistics and timing loop (no onnxruntime session needed)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.latency import measure_session, summarize
+from kdpipe.edge.latency import measure_session, summarize
 
 
 def test_latency_module_does_not_import_torch() -> None:
-    code = "import sys, pipeline.latency; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, kdpipe.edge.latency; assert 'torch' not in sys.modules, 'torch was imported'"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 

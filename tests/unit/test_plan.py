@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-from pipeline.config import load_config
-from pipeline.runner import plan, why_stale
+from kdpipe.config import load_config
+from kdpipe.runner import plan, why_stale
 
 
 def keys(path, *overrides):
@@ -60,7 +60,7 @@ def test_stale_reasons(write_config):
 def test_status_and_help_do_not_import_torch(write_config):
     path = write_config()
     code = (
-        "import sys; from pipeline.cli import main\n"
+        "import sys; from kdpipe.cli import main\n"
         f"assert main(['status', '-c', {str(path)!r}]) == 0\n"
         "assert main(['--help']) == 0\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules]\n"

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.registry import Registry, UnknownNameError
+from kdpipe.registry import Registry, UnknownNameError
 
 
 def test_register_get_and_unknown_lists_names():

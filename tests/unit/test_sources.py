@@ -6,9 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline import sources
-from pipeline.config import load_config
-from pipeline.errors import UsageError
+from kdpipe.config import load_config
+from kdpipe.errors import UsageError
+from kdpipe.ml import sources
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -55,17 +55,17 @@ def test_missing_data_says_how_to_get_it(no_system_data, tmp_path):
 
 
 def test_idx_reader_and_fingerprint(no_system_data, tmp_path, monkeypatch):
-    from pipeline.cache import FingerprintMemo
-    from pipeline.data import load_dataset
+    from kdpipe.fileio import FileDigests
+    from kdpipe.ml.data import load_dataset
 
     folder = fake_fashion(tmp_path / "d")
     monkeypatch.setenv("KDPIPE_DATA", str(folder))
     cfg = config(tmp_path)
     data = load_dataset(cfg)
     assert tuple(data.train_x.shape) == (6, 1, 28, 28) and data.test_y.tolist() == [0, 1, 2, 3]
-    fp = sources.dataset_fingerprint(cfg, FingerprintMemo(tmp_path / "fp.json"))
+    fp = sources.dataset_fingerprint(cfg, FileDigests(tmp_path / "fp.json"))
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3, 2, 1, 0]))
-    assert sources.dataset_fingerprint(cfg, FingerprintMemo(tmp_path / "fp2.json")) != fp
+    assert sources.dataset_fingerprint(cfg, FileDigests(tmp_path / "fp2.json")) != fp
 
     raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:-10]))
@@ -75,7 +75,7 @@ def test_idx_reader_and_fingerprint(no_system_data, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_from_debian():
-    from pipeline.data import load_dataset, make_splits
+    from kdpipe.ml.data import load_dataset, make_splits
 
     cfg = load_config(None)
     data = load_dataset(cfg)

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
+from kdpipe.version import __version__
 
 SUITE_NAME = "kdpipe.gates"
 SUITE_PACKAGE = "kdpipe"

@@ -1,6 +1,6 @@
 """Timing of any callable (the PyTorch eager reference), with the same statistics as the ONNX runner.
 
-ONNX models are measured by ``exporters/edge_runner.py`` (the single-file runner an edge bundle carries);
+ONNX models are measured by ``kdpipe/edge/runner.py`` (the single-file runner an edge bundle carries);
 this module shares its ``summarize`` so both report identical figures. No torch import here.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from exporters.edge_runner import summarize
+from kdpipe.edge.runner import summarize
 
 __all__ = ["measure_session", "summarize"]
 

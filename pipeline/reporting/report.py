@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.config import LoadedConfig
-from pipeline.errors import UsageError
+from kdpipe.config import LoadedConfig
+from kdpipe.errors import UsageError
+from kdpipe.version import __version__
 
 SCHEMA_VERSION = 1
 DELIVERABLES = {"distill": ("student.pt", "student.json"), "export": ("*.onnx", "*.ranges.json", "samples.npz")}
@@ -31,7 +31,7 @@ def _metrics(cfg: LoadedConfig, record: dict[str, Any], stage: str) -> dict[str,
 
 def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
     """Assemble the report from the run record and each stage's metrics."""
-    from pipeline.runner import library_versions
+    from kdpipe.cache import library_versions
 
     teacher = _metrics(cfg, record, "teacher") or {}
     distill = _metrics(cfg, record, "distill") or {}

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.zoo import MODELS
-from pipeline.zoo.init import kaiming_init
+from kdpipe.ml.zoo.base import MODELS
+from kdpipe.ml.zoo.init import kaiming_init
 
 
 class BasicBlock(nn.Module):

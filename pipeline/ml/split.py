@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from pipeline.errors import UsageError
+from kdpipe.errors import UsageError
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
 _POOL_FUNCTIONS = {

@@ -1,11 +1,11 @@
 """Data-parallel training: N processes joined in a torch.distributed process group.
 
-Two ways in, one training loop (:func:`pipeline.training.fit` asks :func:`world` for its rank and size):
+Two ways in, one training loop (:func:`kdpipe.ml.training.fit` asks :func:`world` for its rank and size):
 
 - ``runtime.nproc: N`` (``kdpipe run --nproc N``), CPU: this process is rank 0 and forks ranks 1..N-1
   around each training run, so they inherit the models, data and closures without pickling them (gloo).
   CUDA cannot be used after a fork, so this way is CPU only.
-- ``torchrun --nproc_per_node N -m pipeline.cli run ...``: every rank is a whole ``kdpipe run``; rank 0
+- ``torchrun --nproc_per_node N -m kdpipe.cli run ...``: every rank is a whole ``kdpipe run``; rank 0
   plans, runs every stage and alone writes the cache, the other ranks follow it into the training stages
   (:func:`join_launched` picks NCCL on CUDA, one GPU per local rank, and gloo on CPU).
 
@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.config import launched_world_size
+from kdpipe.config import launched_world_size
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)  # a dead peer is noticed at the next collective, within this
@@ -102,7 +102,7 @@ def run_data_parallel(nproc: int, work_dir: Path, fn: Callable[[], T]) -> T:
     if torch.cuda.is_initialized():
         raise RuntimeError(
             "runtime.nproc forks CPU workers, which CUDA does not allow; on GPUs launch with torchrun instead: "
-            "torchrun --standalone --nproc_per_node N -m pipeline.cli run -c CONFIG"
+            "torchrun --standalone --nproc_per_node N -m kdpipe.cli run -c CONFIG"
         )
     ctx = torch.multiprocessing.get_context("fork")
     probe = ctx.Process(target=_probe)  # autograd refuses to run in a fork of some processes: find out first

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import sources
-from pipeline.config import Augment, LoadedConfig
-from pipeline.errors import UsageError
+from kdpipe.config import Augment, LoadedConfig
+from kdpipe.errors import UsageError
+from kdpipe.ml import sources
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

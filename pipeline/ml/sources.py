@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import FingerprintMemo
-from pipeline.config import DataConfig, LoadedConfig
-from pipeline.errors import ConfigError, UsageError
+from kdpipe.config import DataConfig, LoadedConfig
+from kdpipe.errors import ConfigError, UsageError
+from kdpipe.fileio import FileDigests
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
@@ -118,7 +118,7 @@ def imagefolder_files(cfg: LoadedConfig) -> dict[str, list[tuple[str, Path]]]:
     return out
 
 
-def dataset_fingerprint(cfg: LoadedConfig, memo: FingerprintMemo) -> dict[str, Any]:
+def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
     """A fingerprint of the dataset's files: it changes when their content does."""
     data: DataConfig = cfg.config.data
     if data.dataset == "synthetic":

@@ -1,10 +1,4 @@
-"""The model zoo: CIFAR-style architectures used in the KD literature plus torchvision models.
-
-Constructors are registered in :data:`MODELS` under their function name and all share the signature
-``(num_classes: int = 10, in_channels: int = 3) -> nn.Module``. Every registered model is
-``torch.fx.symbolic_trace``-able and ends with an explicit global average pool followed by a flatten, so a generic
-body/head splitter can cut it at the input of the last pooling op.
-"""
+"""The zoo's registry and builders: :data:`MODELS`, :func:`create_model` (zoo and ``torchvision:`` names)."""
 
 from __future__ import annotations
 
@@ -13,8 +7,8 @@ import difflib
 import torch
 from torch import nn
 
-from pipeline.errors import UsageError
-from pipeline.registry import Registry, UnknownNameError
+from kdpipe.errors import UsageError
+from kdpipe.registry import Registry, UnknownNameError
 
 MODELS: Registry = Registry("model")
 
@@ -73,7 +67,3 @@ def model_names() -> list[str]:
 def count_parameters(module: nn.Module) -> int:
     """Total number of parameter elements (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
-
-
-# Imported last so that their @MODELS.register() decorators see MODELS.
-from pipeline.zoo import mobilenetv2, resnet_cifar, shufflenetv2, tiny, wrn  # noqa: E402, F401

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.bundle import make_bundle
-from pipeline.config import LoadedConfig
-from pipeline.errors import KdpipeError, UsageError
-from pipeline.report import load_report, write_reports
+from kdpipe.config import LoadedConfig
+from kdpipe.edge.bundle import make_bundle
+from kdpipe.errors import KdpipeError, UsageError
+from kdpipe.reporting.report import load_report, write_reports
 
 SSH_OPTIONS_ENV = "KDPIPE_SSH_OPTIONS"
 TARGET_FORM = "ssh://user@host[:port] (or 'local')"

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Augment, TrainConfig
-from pipeline.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
+from kdpipe.config import Augment, TrainConfig
+from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
 
 CHECKPOINT = "epoch.pt"
 
@@ -127,7 +127,7 @@ def fit(
         model: what is evaluated on the val split each epoch (and whose best weights are kept).
         trainable: the module whose parameters are optimised (and put in train mode); part of ``model``
             or equal to it.
-        loss_fn: ``batch -> loss`` for one :class:`~pipeline.data.Batch` (images and labels on ``device``).
+        loss_fn: ``batch -> loss`` for one :class:`~kdpipe.ml.data.Batch` (images and labels on ``device``).
         channels_last: move the model and every batch to channels_last memory format (faster convolutions;
             the caller converts any other module ``loss_fn`` uses).
         views: precomputed augmentation views (with cached teacher features): batches replay one of them.
@@ -143,7 +143,7 @@ def fit(
     """
     from tqdm import tqdm
 
-    from pipeline.distributed import average_buffers, average_gradients, run_data_parallel, world
+    from kdpipe.ml.distributed import average_buffers, average_gradients, run_data_parallel, world
 
     if nproc > 1:
         return run_data_parallel(

@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.config import BaselineConfig, GateConfig, first_error
-from pipeline.errors import UsageError
+from kdpipe.config import BaselineConfig, GateConfig, first_error
+from kdpipe.errors import UsageError
 
 ACCURACY = {"top1", "top5", "agreement_with_teacher"}
 DROPS = {"top1_drop_vs_teacher", "top1_relative_drop_vs_teacher"}

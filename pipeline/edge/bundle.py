@@ -2,13 +2,12 @@
 
 A bundle is a folder (or a ``.tar.gz`` of one) holding the chosen models' ``.onnx`` files, ``samples.npz`` (when the
 run saved one: test images and each model's expected logits, for a parity check on the device), ``runner.py`` (a copy
-of ``exporters/edge_runner.py``), ``spec.json`` (what the runner measures), ``bundle.json`` (what is in it) and a
+of ``kdpipe/edge/runner.py``), ``spec.json`` (what the runner measures), ``bundle.json`` (what is in it) and a
 ``README.txt``. It is built in a temporary folder and moved into place, so an error never leaves half a bundle.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.config import LoadedConfig
-from pipeline.errors import UsageError
-from pipeline.report import load_report
+from kdpipe.config import LoadedConfig
+from kdpipe.edge import RUNNER as RUNNER_SOURCE
+from kdpipe.errors import UsageError
+from kdpipe.fileio import sha256_file
+from kdpipe.reporting.report import load_report
+from kdpipe.version import __version__
 
 SAMPLES = "samples.npz"
 RUNNER = "runner.py"
@@ -42,10 +43,8 @@ bundle.json lists the files with their sha256, the class names, the input shape 
 
 
 def runner_source() -> Path:
-    """Where ``exporters/edge_runner.py`` lives (it is part of the installed package)."""
-    import exporters
-
-    return Path(exporters.__file__).resolve().parent / "edge_runner.py"
+    """Where the single-file runner (``kdpipe/edge/runner.py``) lives: it is part of the installed package."""
+    return RUNNER_SOURCE
 
 
 def is_archive(out: Path) -> bool:
@@ -92,14 +91,6 @@ def bench_spec(cfg: LoadedConfig, report: dict[str, Any], files: dict[str, str],
     return spec
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _normalisation(cfg: LoadedConfig, report: dict[str, Any], first_model: Path) -> dict[str, Any]:
     """mean/std from the report, else the config, else the ONNX metadata the export stage stamps; {} if unknown."""
     dataset = report.get("dataset") or {}
@@ -143,7 +134,7 @@ def populate(cfg: LoadedConfig, report: dict[str, Any], files: dict[str, str], d
     entries = {}
     for name, file in files.items():
         shutil.copyfile(src_dir / file, dest / file)
-        entries[name] = {"file": file, "bytes": (dest / file).stat().st_size, "sha256": _sha256(dest / file)}
+        entries[name] = {"file": file, "bytes": (dest / file).stat().st_size, "sha256": sha256_file(dest / file)}
     if samples:
         _write_samples(src_dir / SAMPLES, dest / SAMPLES, list(files))
     shutil.copyfile(runner, dest / RUNNER)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.data import Dataset, Splits, load_dataset, make_splits
-from pipeline.errors import ConfigError
-from pipeline.zoo import count_parameters, create_model  # noqa: F401 - re-exported
+from kdpipe.errors import ConfigError
+from kdpipe.ml.data import Dataset, Splits, load_dataset, make_splits
+from kdpipe.ml.zoo import count_parameters, create_model  # noqa: F401 - re-exported
 
 TEACHER_STATE = "teacher.pt"
 TEACHER_SCRIPT = "teacher.ts"

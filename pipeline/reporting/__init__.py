@@ -1,0 +1,1 @@
+"""Reports and gates: report.json, Markdown, HTML, JUnit, and the gate verdicts."""
