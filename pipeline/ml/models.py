@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from kdpipe.errors import ConfigError
 from kdpipe.ml.data import Dataset, Splits, load_dataset, make_splits
+from kdpipe.ml.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
 from kdpipe.ml.zoo import count_parameters, create_model  # noqa: F401 - re-exported
 
 TEACHER_STATE = "teacher.pt"
@@ -27,38 +27,9 @@ def stage_data(ctx: Any) -> tuple[Dataset, Splits]:
     return ctx.cache["data"]
 
 
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    for wrapper in ("state_dict", "model", "model_state_dict", "net"):
-        if isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
 def load_state_dict_file(path: Path, key: str, allow_pickle: bool, source: str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint with ``weights_only=True`` unless the user opted out; errors name the key and file."""
-    if not path.is_file():
-        raise ConfigError(key, f"file not found: {path}", source)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise ConfigError(
-            key,
-            f"{path.name} is not a plain state_dict ({first}); if you trust the file, set teacher.allow_pickle: true",
-            source,
-        ) from None
-    except Exception as exc:
-        raise ConfigError(
-            key, f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__})", source
-        ) from None
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise ConfigError(key, f"{path.name} holds a {type(obj).__name__}, not a state_dict", source)
-    return _strip_prefixes(obj)
+    """A user's weights file (safetensors, or a torch file read with ``weights_only=True`` unless opted out)."""
+    return load_weights(path, key=key, source=source, allow_pickle=allow_pickle, opt_in="teacher.allow_pickle")
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], key: str, arch: str, source: str) -> None:
@@ -84,7 +55,7 @@ def load_teacher(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         model = torch.jit.load(str(folder / TEACHER_SCRIPT), map_location="cpu")
     else:
         model = create_model(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"])
-        model.load_state_dict(torch.load(folder / TEACHER_STATE, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights(folder / TEACHER_STATE, key="teacher", source=str(folder)))
     return model.eval(), spec
 
 
