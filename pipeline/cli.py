@@ -16,6 +16,7 @@ from kdpipe.stages import ORDER  # light: stage declarations import no torch
 from kdpipe.version import __version__
 
 STAGE_NAMES = ORDER
+WRITES = ("cache_dir", "output_dir")
 config_option = click.option(
     "-c", "--config", "config_path", default="pipeline.yaml", show_default=True, type=click.Path(dir_okay=False),
     help="Pipeline config file.",
@@ -38,10 +39,16 @@ baseline_option = click.option(
 )
 
 
-def _load(config_path: str, overrides: tuple[str, ...] = ()):
+def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
+    """Load the config; ``writes`` names the folder settings the command writes to (``cache_dir``,
+    ``output_dir``): one that is a file or not writable is bad input, said before anything runs."""
     from kdpipe.config import load_config
+    from kdpipe.diskspace import check_writable_dir
 
-    return load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides)
+    for key in writes:
+        check_writable_dir(getattr(cfg, key), key, cfg.source)
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +88,7 @@ def run(
     """Run every stale stage, write report.json in the output folder, then evaluate the gates (exit 1 on failure)."""
     from kdpipe.runner import run_pipeline
 
-    cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])))
+    cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])), WRITES)
     report = run_pipeline(
         cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
         baseline=baseline,
@@ -101,7 +108,7 @@ def status(config_path: str, overrides: tuple[str, ...]) -> None:
     """Show each stage as cached or stale, and why."""
     from kdpipe.runner import plan, read_last_run
 
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, ("cache_dir",))
     for step in plan(cfg, read_last_run(cfg)):
         state = "cached" if step.cached else "stale "
         click.echo(f"{step.stage:<10} {state} {step.key[:12]}" + ("" if step.cached else f"  ({step.reason})"))
@@ -172,12 +179,13 @@ def gate(
 
 @cli.command()
 @config_option
+@set_option
 @click.option("--keep-last", is_flag=True, help="Keep the entries of the last run.")
-def clean(config_path: str, keep_last: bool) -> None:
+def clean(config_path: str, overrides: tuple[str, ...], keep_last: bool) -> None:
     """Remove cached stage outputs (and the output folder unless --keep-last)."""
     from kdpipe.runner import clean as do_clean
 
-    removed = do_clean(_load(config_path), keep_last)
+    removed = do_clean(_load(config_path, overrides, WRITES), keep_last)
     click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
 
 
@@ -203,7 +211,7 @@ def bundle(output: str, config_path: str, model_names: tuple[str, ...]) -> None:
     """Write an edge bundle of the last run: ONNX files, samples, a numpy+onnxruntime runner and its spec."""
     from kdpipe.edge.bundle import make_bundle
 
-    out = make_bundle(_load(config_path), Path(output), list(model_names) or None)
+    out = make_bundle(_load(config_path, (), ("output_dir",)), Path(output), list(model_names) or None)
     click.echo(f"bundle: {out}  (on the device: python3 runner.py spec.json --out results.json)")
 
 
@@ -225,7 +233,7 @@ def bench(
     """Benchmark the last run's ONNX models on another machine over ssh (or locally) and add them to report.json."""
     from kdpipe.edge.remote import bench_target, format_results
 
-    cfg = _load(config_path)
+    cfg = _load(config_path, (), ("output_dir",))
     key, results = bench_target(cfg, target, list(model_names) or None, name, remote_python, timeout)
     click.echo(format_results(results))
     click.echo(f"report: {cfg.output_dir / 'report.json'} (targets.{key})")
@@ -233,14 +241,17 @@ def bench(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps kdpipe's errors to one line and the exit-code contract."""
+    from kdpipe.diskspace import as_disk_error
+
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     try:
         cli.main(args=argv, prog_name="kdpipe", standalone_mode=False)
     except KdpipeError as exc:
         if verbose:
             traceback.print_exc()
-        click.echo(f"kdpipe: error: {exc}", err=True)
-        return exc.exit_code
+        full = as_disk_error(exc) if exc.exit_code == 3 else None  # a stage that died of a full disk
+        click.echo(f"kdpipe: error: {full or exc}", err=True)
+        return full.exit_code if full else exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -255,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if verbose:
             traceback.print_exc()
+        full = as_disk_error(exc)
+        if full:
+            click.echo(f"kdpipe: error: {full}", err=True)
+            return full.exit_code
         click.echo(
             f"kdpipe: internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True
         )

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import ConfigError
+from kdpipe.yamlfile import load_file as load_yaml_file
+from kdpipe.yamlfile import loads as load_yaml
 
 
 class Section(BaseModel):
@@ -426,35 +427,38 @@ def first_error(exc: ValidationError, model: type[BaseModel]) -> tuple[str, str]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
-    """Load and validate a YAML config file (``None``: the defaults), with ``key.path=value`` overrides."""
+    """Load and validate a YAML config file (``None``: the defaults), with ``key.path=value`` overrides.
+
+    The YAML is read strictly (:mod:`kdpipe.yamlfile`): a duplicated key, bytes that are not UTF-8 or a
+    syntax error is one ConfigError naming the file, like a wrong value.
+    """
     if path is None:
         return LoadedConfig(parse_config(apply_overrides({}, list(overrides)), "--set"), None)
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("", f"config file not found: {path}; pass one with -c FILE")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{where}not valid YAML: {problem}", path.name) from None
+    data = load_yaml_file(path)
     if overrides and isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
+    elif overrides and data is None:
+        data = apply_overrides({}, list(overrides))
     return LoadedConfig(parse_config(data, path.name), path.resolve())
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to raw config data."""
+    """Apply ``key.path=value`` overrides (values parsed as strict YAML) to raw config data."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError("", f"override '{item}' must look like key.path=value")
-        key, raw = item.split("=", 1)
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or not key or any(not p.strip() for p in parts):
+            raise ConfigError("", f"--set '{item}' must look like key.path=value, e.g. distill.train.epochs=3")
+        value = load_yaml(raw, f"--set {key}")
         node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(key, "cannot set a key below a non-mapping value")
-        node[parts[-1]] = yaml.safe_load(raw)
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(key, f"cannot set a key below {where}, which is not a mapping", "--set")
+        node[parts[-1]] = value
     return data

@@ -35,6 +35,16 @@ def _fashion_files(folder: Path) -> dict[str, Path] | None:
     return None
 
 
+def configured_root(cfg: LoadedConfig) -> Path:
+    """``data.root`` resolved against the config's folder; it must exist (a typo is not "not downloaded yet")."""
+    root = cfg.resolve(cfg.config.data.root or "")
+    if not root.exists():
+        raise ConfigError("data.root", f"{root} does not exist", cfg.source)
+    if not root.is_dir():
+        raise ConfigError("data.root", f"{root} is a file, not a folder", cfg.source)
+    return root
+
+
 def default_download_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdpipe" / "data"
 
@@ -44,19 +54,20 @@ def locate_fashion_mnist(cfg: LoadedConfig) -> dict[str, Path]:
     data = cfg.config.data
     tried: list[str] = []
     candidates: list[Path] = []
-    if data.root:
-        candidates.append(cfg.resolve(data.root))
-    if os.environ.get("KDPIPE_DATA"):
-        candidates.append(Path(os.environ["KDPIPE_DATA"]))
-    candidates.append(DEBIAN_FASHION_MNIST)
-    candidates.append(default_download_root())
+    if data.root:  # a configured root is the only place looked in: falling back elsewhere would hide a typo
+        candidates.append(configured_root(cfg))
+    else:
+        if os.environ.get("KDPIPE_DATA"):
+            candidates.append(Path(os.environ["KDPIPE_DATA"]))
+        candidates.append(DEBIAN_FASHION_MNIST)
+        candidates.append(default_download_root())
     for folder in candidates:
         tried.append(str(folder))
         found = _fashion_files(folder)
         if found:
             return found
     if data.download:
-        target = cfg.resolve(data.root) if data.root else default_download_root()
+        target = configured_root(cfg) if data.root else default_download_root()
         try:
             from torchvision.datasets import FashionMNIST
 
@@ -68,6 +79,10 @@ def locate_fashion_mnist(cfg: LoadedConfig) -> dict[str, Path]:
             found = _fashion_files(target)
             if found:
                 return found
+    if data.root:
+        raise ConfigError(
+            "data.root", f"{tried[0]} does not hold the four Fashion-MNIST *-ubyte(.gz) files", cfg.source
+        )
     raise UsageError(
         "Fashion-MNIST not found (looked in: " + "; ".join(tried) + "). "
         "Install it with `apt-get install dataset-fashion-mnist`, or set data.root or $KDPIPE_DATA "
@@ -77,7 +92,7 @@ def locate_fashion_mnist(cfg: LoadedConfig) -> dict[str, Path]:
 
 def locate_cifar(cfg: LoadedConfig) -> Path:
     data = cfg.config.data
-    root = cfg.resolve(data.root) if data.root else default_download_root()
+    root = configured_root(cfg) if data.root else default_download_root()
     folder = root / CIFAR_DIRS[data.dataset]
     if not folder.is_dir() and data.download:
         try:
@@ -100,7 +115,7 @@ def imagefolder_files(cfg: LoadedConfig) -> dict[str, list[tuple[str, Path]]]:
     data = cfg.config.data
     if not data.root:
         raise ConfigError("data.root", "imagefolder needs a root folder holding train/ and test/", cfg.source)
-    root = cfg.resolve(data.root)
+    root = configured_root(cfg)
     out: dict[str, list[tuple[str, Path]]] = {}
     for split in ("train", "test"):
         folder = root / split

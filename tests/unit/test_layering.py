@@ -22,7 +22,10 @@ import kdpipe
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"kdpipe": "pipeline", "kdpipe.stages": "stages", "kdpipe.exporters": "exporters"}
-GROUND = {"kdpipe.version", "kdpipe.errors", "kdpipe.fileio", "kdpipe.registry", "kdpipe.config", "kdpipe.cache"}
+GROUND = {
+    "kdpipe.version", "kdpipe.errors", "kdpipe.fileio", "kdpipe.registry", "kdpipe.config", "kdpipe.cache",
+    "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace",
+}  # fmt: skip
 TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__"}
 
 

@@ -1,0 +1,152 @@
+"""Disk space and writable folders: checked before writing, and a full disk said in one line.
+
+A full disk used to end a run with a signal (a memory-mapped write into a sparse file faults with
+SIGBUS when the filesystem cannot back the page) or with an error that never said the disk was full.
+Here large artifacts are estimated and checked against free space before they are written, files
+that are written through a memory map get their blocks reserved first (``posix_fallocate``), and
+any ENOSPC, EDQUOT or EROFS becomes :class:`DiskFullError` (exit 2):
+``no space left on device writing FILE (needs ~X, free Y)``. Ground floor: imports no torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kdpipe.errors import ConfigError, UsageError
+
+FULL = {errno.ENOSPC, errno.EDQUOT}
+READ_ONLY = {errno.EROFS}
+MARGIN = 1 << 20  # keep a MiB spare: the manifest, reports and logs come after the big files
+
+
+class DiskFullError(UsageError):
+    """The filesystem is full (or read-only) where kdpipe has to write. One line, exit 2."""
+
+    def __init__(self, path: Path | str | None, needs: int | None = None, free: int | None = None, ro: bool = False):
+        self.path = path
+        where = f" writing {path}" if path else ""
+        if ro:
+            super().__init__(f"read-only file system{where}; point cache_dir/output_dir at a writable folder")
+            return
+        figures = [f"needs ~{human(needs)}" if needs is not None else ""]
+        figures.append(f"free {human(free)}" if free is not None else "")
+        detail = ", ".join(f for f in figures if f)
+        super().__init__(f"no space left on device{where}" + (f" ({detail})" if detail else ""))
+
+
+def human(n: int | None) -> str:
+    """Bytes as a short figure: 512 B, 3.4 MiB, 12 GiB."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself or the nearest folder above it that exists (where new files would land)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes available to this user on the filesystem that holds (or would hold) ``path``."""
+    try:
+        return shutil.disk_usage(existing_ancestor(path)).free
+    except OSError:
+        return None
+
+
+def ensure_space(path: Path, needs: int) -> None:
+    """Raise :class:`DiskFullError` now if ``needs`` bytes (plus a margin) will not fit where ``path`` goes."""
+    free = free_bytes(path)
+    if free is not None and needs + MARGIN > free:
+        raise DiskFullError(path, needs, free)
+
+
+def check_writable_dir(path: Path, key: str, source: str | None) -> None:
+    """A folder setting (``cache_dir``, ``output_dir``) that is a file, sits below a file, or is not writable
+    is bad input: one line naming the key, before anything runs. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"{path} is a file, not a folder", source)
+    base = existing_ancestor(path)
+    if not base.is_dir():
+        raise ConfigError(key, f"{path} cannot be created: {base} is a file", source)
+    try:
+        read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise ConfigError(key, f"{path} is on a read-only file system", source)
+    if not os.access(base, os.W_OK | os.X_OK):
+        what = path if base == path else f"{base} (where {path} would be created)"
+        raise ConfigError(key, f"{what} is not writable", source)
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of an already sized (sparse) file, so that writing it through a memory map
+    cannot fault later: a full disk fails here, with a message, instead of killing the process."""
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in FULL | READ_ONLY:
+            raise DiskFullError(path, size, free_bytes(path), ro=exc.errno in READ_ONLY) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        ensure_space(path, size)  # a filesystem without fallocate: the best we can do is check
+    finally:
+        os.close(fd)
+
+
+def as_disk_error(exc: BaseException, default_path: Path | str | None = None) -> DiskFullError | None:
+    """The :class:`DiskFullError` an exception (or anything in its cause chain) amounts to, else None."""
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, DiskFullError):
+            return cur
+        if isinstance(cur, OSError) and cur.errno in FULL | READ_ONLY:
+            path = cur.filename or default_path
+            return DiskFullError(path, None, free_bytes(Path(path)) if path else None, ro=cur.errno in READ_ONLY)
+        text = str(cur)
+        if "No space left on device" in text or "file write failed" in text:  # torch.save's C++ writer
+            path = default_path
+            free = free_bytes(Path(path)) if path else None
+            if "No space" in text or (free is not None and free < MARGIN):
+                return DiskFullError(path, None, free)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+@contextmanager
+def writing(path: Path, needs: int | None = None) -> Iterator[None]:
+    """Check space for a large write first (when ``needs`` is known), and turn a full disk met while
+    writing into one line naming ``path``."""
+    if needs is not None:
+        ensure_space(path, needs)
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        err = as_disk_error(exc, path)
+        if err is None:
+            raise
+        if needs is not None and err.path == path:
+            raise DiskFullError(path, needs, free_bytes(path)) from None
+        raise err from None

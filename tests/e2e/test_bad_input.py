@@ -1,0 +1,81 @@
+"""The CLI on bad input that is caught before any stage runs: one line on stderr, exit 2, the key or file named,
+and nothing written (no cache folder, no output folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe.cli import main
+from tests.conftest import TINY
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def assert_one_line_exit_2(code: int, err: str, *names: str) -> None:
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("kdpipe: error: "), err
+    for name in names:
+        assert name in err, err
+
+
+def assert_nothing_written(project: Path) -> None:
+    assert not (project / ".kdpipe").exists()
+    assert not (project / "kdpipe-out").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("data: {dataset: synthetic}\ndata: {dataset: synthetic}\n", ("data: duplicated key", "lines 1 and 2")),
+        (b"distill: {student: r\xe9snet8}\n", ("not UTF-8", "pipeline.yaml")),
+        ("data: {dataset: fashion_mnist, root: nowhere}\n", ("data.root", "nowhere does not exist")),
+        ("cache_dir: afile\n", ("cache_dir", "is a file")),
+        ("output_dir: afile/out\n", ("output_dir", "cannot be created")),
+    ],
+)
+def test_bad_config_before_any_work(project, capsys, text, names):
+    (project / "afile").write_text("not a folder")
+    config = project / "pipeline.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code, err = run_cli(capsys, "run", "-c", str(config))
+    assert_one_line_exit_2(code, err, *names)
+    assert_nothing_written(project)
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("distill.train.epochs=[1,", ("--set distill.train.epochs", "not valid YAML")),
+        ("distill.train=3", ("distill.train", "mapping")),
+        ("nokey", ("--set 'nokey'",)),
+        ("cache_dir=afile", ("cache_dir", "is a file")),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_bad_set_values(project, capsys, override, names, command):
+    (project / "afile").write_text("not a folder")
+    code, err = run_cli(capsys, command, "-c", "pipeline.yaml", "--set", override)
+    assert_one_line_exit_2(code, err, *names)
+    assert_nothing_written(project)
+
+
+def test_clean_with_cache_dir_that_is_a_file(project, capsys):
+    (project / "afile").write_text("x")
+    code, err = run_cli(capsys, "clean", "-c", "pipeline.yaml", "--set", "cache_dir=afile")
+    assert_one_line_exit_2(code, err, "cache_dir")
+    assert (project / "afile").read_text() == "x"
