@@ -83,30 +83,35 @@ class Cache:
         return self.root / stage / key
 
     def work_dir(self, stage: str, key: str) -> Path:
-        return self.root / stage / f".work-{key}"
+        path = self.root / stage / f".work-{key}"
+        if (path.exists() or path.is_symlink()) and not path.is_dir():  # damaged state: a file in its place
+            log.warning("%s is not a folder; removed", path)
+            path.unlink()
+        return path
 
     def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
         """The manifest of a complete, intact entry, or None. A damaged entry is removed (a miss)."""
         path = self.entry(stage, key)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
-        problem = _verify(path, key)
+        problem = _verify(path, stage, key)
         if problem is None:
-            return json.loads((path / MANIFEST).read_text())
+            return _read_manifest(path)[0]
         log.warning("cache entry %s/%s is damaged (%s); it will be rebuilt", stage, key[:12], problem)
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
         return None
 
     def is_cached(self, stage: str, key: str) -> bool:
         """Cheap presence check for `kdpipe status` (a manifest that parses and names this key)."""
-        try:
-            manifest = json.loads((self.entry(stage, key) / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return False
-        return manifest.get("key") == key
+        manifest, problem = _read_manifest(self.entry(stage, key))
+        return problem is None and manifest_problem(manifest, stage, key) is None
 
     def staging_dir(self, stage: str, key: str) -> Path:
         """A fresh folder to build an entry in; leftovers of killed runs of this key are swept."""
+        stage_dir = self.root / stage
+        if (stage_dir.exists() or stage_dir.is_symlink()) and not stage_dir.is_dir():
+            log.warning("%s is not a folder; removed", stage_dir)
+            stage_dir.unlink()
         for old in (self.root / stage).glob(f".tmp-{key}-*"):
             pid = old.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
@@ -141,6 +146,8 @@ class Cache:
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp_manifest, staging / MANIFEST)
         final = self.entry(stage, key)
+        if (final.exists() or final.is_symlink()) and _verify(final, stage, key) is not None:
+            remove(final)  # damaged: never keep it in favour of the good entry just built
         if final.exists() and replace:
             old = final.with_name(f".old-{key}-{os.getpid()}")
             os.replace(final, old)
@@ -182,27 +189,70 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _verify(path: Path, key: str) -> str | None:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest"
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest: {exc}"
-    if not isinstance(manifest, dict) or manifest.get("key") != key:
+def manifest_problem(manifest: Any, stage: str, key: str) -> str | None:
+    """What is wrong with a manifest's shape (None: nothing). Valid JSON of another shape is damage too."""
+    if not isinstance(manifest, dict):
+        return f"manifest is a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        return f"manifest_version {manifest.get('manifest_version')!r}, expected {MANIFEST_VERSION}"
+    if manifest.get("key") != key:
         return "manifest names another key"
+    if manifest.get("stage", stage) != stage:
+        return "manifest names another stage"
+    if not isinstance(manifest.get("payload"), dict):
+        return "manifest has no payload"
     files = manifest.get("files")
     if not isinstance(files, dict):
         return "manifest lists no files"
     for rel, info in files.items():
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or rel == MANIFEST:
+            return f"manifest lists a path outside the entry: {rel!r}"
+        if not isinstance(info, dict):
+            return f"manifest entry of {rel} is not an object"
+        if not (isinstance(info.get("bytes"), int) and isinstance(info.get("mtime_ns"), int)):
+            return f"manifest entry of {rel} lacks bytes/mtime_ns"
+        digest = info.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            return f"manifest entry of {rel} has no sha256"
+    return None
+
+
+def _read_manifest(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")), None
+    except FileNotFoundError:
+        return None, "no manifest"
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8 alike
+        return None, f"unreadable manifest: {type(exc).__name__}"
+
+
+def _verify(path: Path, stage: str, key: str) -> str | None:
+    if not path.is_dir():
+        return "not a folder"
+    manifest, problem = _read_manifest(path)
+    if problem:
+        return problem
+    problem = manifest_problem(manifest, stage, key)
+    if problem:
+        return problem
+    for rel, info in manifest["files"].items():
         f = path / rel
         if not f.is_file():
             return f"missing file {rel}"
         st = f.stat()
-        if st.st_size != info.get("bytes"):
+        if st.st_size != info["bytes"]:
             return f"file {rel} changed"
         # Like DVC and git, trust an untouched file (same size and mtime): re-hashing gigabytes of cached
         # features on every run would make a cached re-run slow. A touched file is re-hashed.
-        if st.st_mtime_ns != info.get("mtime_ns") and sha256_file(f) != info.get("sha256"):
+        if st.st_mtime_ns != info["mtime_ns"] and sha256_file(f) != info["sha256"]:
             return f"file {rel} changed"
     return None
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder tree, whichever is there (damaged state may be either)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

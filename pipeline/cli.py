@@ -17,6 +17,7 @@ from kdpipe.version import __version__
 
 STAGE_NAMES = ORDER
 WRITES = ("cache_dir", "output_dir")
+_LOADED: dict[str, Path] = {}  # where this command writes: names the folder when a full disk hides the file
 config_option = click.option(
     "-c", "--config", "config_path", default="pipeline.yaml", show_default=True, type=click.Path(dir_okay=False),
     help="Pipeline config file.",
@@ -34,9 +35,26 @@ gate_option = click.option(
     "--gate", "gates", multiple=True, metavar="EXPR",
     help="An extra gate, e.g. 'student.top1 >= 0.9' or 'student.p90_ms@1 <= 2.5'.",
 )  # fmt: skip
+no_wait_option = click.option(
+    "--no-wait",
+    is_flag=True,
+    help="If another kdpipe process holds the cache, fail at once (exit 2) instead of waiting.",
+)
 baseline_option = click.option(
     "--baseline", type=click.Path(dir_okay=False), help="A previous report.json to check regressions against."
 )
+
+
+def _cache_lock(cfg, no_wait: bool):
+    """The cache's lock for a command that writes it; under torchrun only rank 0 takes it (the other ranks
+    write no cache entry and follow rank 0's lead)."""
+    from contextlib import nullcontext
+
+    from kdpipe.lock import CacheLock
+
+    if int(os.environ.get("RANK") or 0) != 0:
+        return nullcontext()
+    return CacheLock(cfg.cache_dir, wait=not no_wait)
 
 
 def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
@@ -46,6 +64,7 @@ def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, 
     from kdpipe.diskspace import check_writable_dir
 
     cfg = load_config(config_path, overrides)
+    _LOADED["cache_dir"] = cfg.cache_dir
     for key in writes:
         check_writable_dir(getattr(cfg, key), key, cfg.source)
     return cfg
@@ -75,6 +94,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel training processes (runtime.nproc).")
 @gate_option
 @baseline_option
+@no_wait_option
 def run(
     config_path: str,
     overrides: tuple[str, ...],
@@ -84,15 +104,17 @@ def run(
     nproc: int | None,
     gates: tuple[str, ...],
     baseline: str | None,
+    no_wait: bool,
 ) -> None:
     """Run every stale stage, write report.json in the output folder, then evaluate the gates (exit 1 on failure)."""
     from kdpipe.runner import run_pipeline
 
     cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])), WRITES)
-    report = run_pipeline(
-        cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
-        baseline=baseline,
-    )  # fmt: skip
+    with _cache_lock(cfg, no_wait):
+        report = run_pipeline(
+            cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
+            baseline=baseline,
+        )  # fmt: skip
     if not report:  # a torchrun rank other than 0: rank 0 reports
         return
     student = report["models"].get("student", {})
@@ -181,11 +203,17 @@ def gate(
 @config_option
 @set_option
 @click.option("--keep-last", is_flag=True, help="Keep the entries of the last run.")
-def clean(config_path: str, overrides: tuple[str, ...], keep_last: bool) -> None:
-    """Remove cached stage outputs (and the output folder unless --keep-last)."""
+@no_wait_option
+def clean(config_path: str, overrides: tuple[str, ...], keep_last: bool, no_wait: bool) -> None:
+    """Remove cached stage outputs (and the output folder unless --keep-last); waits for a run using the cache."""
     from kdpipe.runner import clean as do_clean
 
-    removed = do_clean(_load(config_path, overrides, WRITES), keep_last)
+    cfg = _load(config_path, overrides, WRITES)
+    if not cfg.cache_dir.is_dir():
+        removed = do_clean(cfg, keep_last)
+    else:
+        with _cache_lock(cfg, no_wait):
+            removed = do_clean(cfg, keep_last)
     click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
 
 
@@ -249,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except KdpipeError as exc:
         if verbose:
             traceback.print_exc()
-        full = as_disk_error(exc) if exc.exit_code == 3 else None  # a stage that died of a full disk
+        # a stage that died of a full disk
+        full = as_disk_error(exc, _LOADED.get("cache_dir")) if exc.exit_code == 3 else None
         click.echo(f"kdpipe: error: {full or exc}", err=True)
         return full.exit_code if full else exc.exit_code
     except click.exceptions.Exit as exc:
@@ -266,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if verbose:
             traceback.print_exc()
-        full = as_disk_error(exc)
+        full = as_disk_error(exc, _LOADED.get("cache_dir"))
         if full:
             click.echo(f"kdpipe: error: {full}", err=True)
             return full.exit_code

@@ -112,24 +112,30 @@ def reserve(path: Path) -> None:
         os.close(fd)
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and all(cur is not seen for seen in out):
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
 def as_disk_error(exc: BaseException, default_path: Path | str | None = None) -> DiskFullError | None:
     """The :class:`DiskFullError` an exception (or anything in its cause chain) amounts to, else None."""
-    seen = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    chain = _chain(exc)
+    for cur in chain:
         if isinstance(cur, DiskFullError):
             return cur
         if isinstance(cur, OSError) and cur.errno in FULL | READ_ONLY:
             path = cur.filename or default_path
             return DiskFullError(path, None, free_bytes(Path(path)) if path else None, ro=cur.errno in READ_ONLY)
+    for cur in chain:  # errors that lost their errno on the way, like torch.save's C++ writer's
         text = str(cur)
-        if "No space left on device" in text or "file write failed" in text:  # torch.save's C++ writer
-            path = default_path
-            free = free_bytes(Path(path)) if path else None
+        if "No space left on device" in text or "file write failed" in text:
+            free = free_bytes(Path(default_path)) if default_path else None
             if "No space" in text or (free is not None and free < MARGIN):
-                return DiskFullError(path, None, free)
-        cur = cur.__cause__ or cur.__context__
+                return DiskFullError(default_path, None, free)
     return None
 
 

@@ -54,9 +54,15 @@ class FileDigests:
         self.path = path
         self._dirty = False
         try:
-            self._memo: dict[str, list[Any]] = json.loads(path.read_text())
+            memo = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            self._memo = {}
+            memo = {}
+        # Valid JSON of another shape is as damaged as bad JSON: keep only well-formed entries.
+        self._memo: dict[str, list[Any]] = {
+            k: v
+            for k, v in (memo.items() if isinstance(memo, dict) else ())
+            if isinstance(v, list) and len(v) == 3 and isinstance(v[2], str)
+        }
 
     def file(self, path: Path) -> str:
         st = path.stat()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdpipe.diskspace import ensure_space, reserve
 from kdpipe.stages.base import STAGES, Stage, StageContext
 
 FEATURES = "features.npy"
@@ -66,11 +67,11 @@ class FeaturesStage(Stage):
         n, k = len(index), conf.views
         dtype = np.float16 if conf.precision == "fp16" else np.float32
         feats = None
+        feats_bytes = n * k * int(np.prod(shape)) * np.dtype(dtype).itemsize if shape is not None else 0
+        ensure_space(ctx.out_dir, feats_bytes + n * k * data.num_classes * 4)  # before any training time is spent
         if shape is not None:
-            feats = np.lib.format.open_memmap(ctx.out_dir / FEATURES, mode="w+", dtype=dtype, shape=(n, k, *shape))
-        logits = np.lib.format.open_memmap(
-            ctx.out_dir / LOGITS, mode="w+", dtype=np.float32, shape=(n, k, data.num_classes)
-        )
+            feats = open_reserved(ctx.out_dir / FEATURES, dtype, (n, k, *shape))
+        logits = open_reserved(ctx.out_dir / LOGITS, np.float32, (n, k, data.num_classes))
         worst = 0.0
         scale = 0.0
         t0 = time.perf_counter()
@@ -122,6 +123,21 @@ class FeaturesStage(Stage):
         }
         (ctx.out_dir / INFO).write_text(json.dumps(info, indent=2))
         return info
+
+
+def open_reserved(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """A writable ``.npy`` memory map whose blocks are allocated first: ``open_memmap`` makes a sparse file,
+    and a page written into a sparse file on a full disk kills the process with SIGBUS, with no message."""
+    import numpy as np
+
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        reserve(path)
+    except BaseException:
+        del array
+        path.unlink(missing_ok=True)
+        raise
+    return array
 
 
 class CachedTeacher:

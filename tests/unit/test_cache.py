@@ -78,7 +78,7 @@ def test_fingerprint_memo_rehashes_only_changed_files(tmp_path, monkeypatch):
     first = memo.file(f)
     memo.save()
     calls = []
-    import kdpipe.cache as cache_mod
+    import kdpipe.fileio as cache_mod
 
     real = cache_mod.sha256_file
     monkeypatch.setattr(cache_mod, "sha256_file", lambda p: calls.append(p) or real(p))

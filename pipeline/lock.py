@@ -1,0 +1,106 @@
+"""One process at a time on a cache: an advisory lock that names its holder.
+
+Two runs on one cache (or a run and ``kdpipe clean``) used to collide: one removed the other's work
+folder and failed with an incidental error. Now whatever writes the cache holds ``<cache_dir>/.lock``
+(``fcntl.flock``, exclusive). A second process waits, saying which process (pid, host, command, since
+when) holds it, or with ``--no-wait`` fails at once naming it (:class:`CacheBusy`, exit 2).
+
+Why flock and not the ``filelock`` package: the kernel drops a flock when its holder dies, however it
+dies (kill -9 included), so a dead holder's lock is simply taken over, with no stale-lock heuristics;
+and the holder's description lives in the locked file itself, which a waiter can read without
+truncating it (``filelock`` may truncate the file when it opens it). Ground floor: imports no torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from kdpipe.errors import UsageError
+
+LOCK = ".lock"
+
+
+class CacheBusy(UsageError):
+    """Another process holds the cache and the caller asked not to wait (exit 2)."""
+
+
+def describe(holder: dict | None) -> str:
+    """``pid 123 on host (kdpipe run -c p.yaml), since 15:02:11`` — or what is known of it."""
+    if not holder:
+        return "another process (it has not said which yet)"
+    since = time.strftime("%H:%M:%S", time.localtime(holder["started"])) if holder.get("started") else "?"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('command', '?')}), since {since}"
+
+
+class CacheLock:
+    """An exclusive lock on a cache folder; use as a context manager or with :meth:`acquire`/:meth:`release`."""
+
+    def __init__(self, cache_dir: Path, wait: bool = True, notify: Callable[[str], None] | None = None) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.path = self.cache_dir / LOCK
+        self.wait = wait
+        self.notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._fd: int | None = None
+
+    def holder(self) -> dict | None:
+        """Who holds (or last held) the lock, as it wrote itself into the lock file; None if unknown."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8") or "null")
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def acquire(self) -> CacheLock:
+        if self._fd is not None:
+            return self
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = describe(self.holder())
+                if not self.wait:
+                    raise CacheBusy(f"cache {self.cache_dir} is in use by {who}; try again when it ends") from None
+                self.notify(f"kdpipe: waiting for cache {self.cache_dir}: in use by {who} (--no-wait fails instead)")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(["kdpipe", *sys.argv[1:]]) if sys.argv else "kdpipe",
+            "started": time.time(),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass  # a full or read-only disk must not keep the lock held
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> CacheLock:
+        return self.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

@@ -1,0 +1,80 @@
+"""Faults met by the CLI: a cache held by another process, a full disk. One line each, and the cache stays usable."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe.cli import main
+from tests.conftest import TINY
+from tests.unit.test_damaged_state import _holder
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", [["run", "--until", "teacher"], ["clean"]])
+def test_no_wait_names_the_process_holding_the_cache(project, capsys, command):
+    (project / ".kdpipe").mkdir()
+    (project / ".kdpipe" / "teacher").mkdir()
+    proc = _holder(project / ".kdpipe", 60)
+    try:
+        code = main([*command, "--no-wait"])
+        err = capsys.readouterr().err.strip()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"in use by pid {proc.pid} on " in err and "kdpipe" in err
+    assert (project / ".kdpipe" / "teacher").is_dir()  # clean removed nothing
+    assert not (project / "kdpipe-out").exists()
+
+
+def test_clean_waits_for_the_holder(project, capsys):
+    (project / ".kdpipe" / "teacher" / ("a" * 64)).mkdir(parents=True)
+    proc = _holder(project / ".kdpipe", 1.0)
+    assert main(["clean"]) == 0
+    captured = capsys.readouterr()
+    assert f"waiting for cache {project / '.kdpipe'}: in use by pid {proc.pid}" in captured.err
+    assert "removed 1 cache entry" in captured.out
+    proc.wait()
+
+
+def test_enospc_inside_a_stage_is_one_line_exit_2(project, capsys, monkeypatch):
+    from kdpipe.stages import STAGES
+
+    teacher = STAGES.get("teacher")
+
+    def full(self, ctx):
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.out_dir / "model.pt"))
+
+    monkeypatch.setattr(teacher, "run", full)
+    code = main(["run", "--until", "teacher"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("kdpipe: error: no space left on device writing ") and "model.pt" in err
+    assert "free " in err
+    assert not list((project / ".kdpipe" / "teacher").glob(".tmp-*"))  # the half-built entry went
+
+
+def test_torch_save_failure_on_a_full_disk(project, capsys, monkeypatch):
+    """torch.save's C++ writer reports a full disk as "file write failed", without an errno."""
+    from kdpipe import diskspace
+    from kdpipe.stages import STAGES
+
+    def full(self, ctx):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")  # fmt: skip
+
+    monkeypatch.setattr(STAGES.get("teacher"), "run", full)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 4096)
+    code = main(["run", "--until", "teacher"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("kdpipe: error: no space left on device") and "free 4.0 KiB" in err
