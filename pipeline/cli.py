@@ -64,7 +64,7 @@ def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, 
     from kdpipe.diskspace import check_writable_dir
 
     cfg = load_config(config_path, overrides)
-    _LOADED["cache_dir"] = cfg.cache_dir
+    _LOADED.update(cache_dir=cfg.cache_dir, output_dir=cfg.output_dir)
     for key in writes:
         check_writable_dir(getattr(cfg, key), key, cfg.source)
     return cfg
@@ -267,6 +267,15 @@ def bench(
     click.echo(f"report: {cfg.output_dir / 'report.json'} (targets.{key})")
 
 
+def _fullest() -> Path | None:
+    """Of the folders this command writes, the one with the least free space (where a full disk would be)."""
+    from kdpipe.diskspace import free_bytes
+
+    known = [(free_bytes(p), p) for p in _LOADED.values()]
+    known = [(free, p) for free, p in known if free is not None]
+    return min(known, key=lambda fp: fp[0])[1] if known else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps kdpipe's errors to one line and the exit-code contract."""
     from kdpipe.diskspace import as_disk_error
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         # a stage that died of a full disk
-        full = as_disk_error(exc, _LOADED.get("cache_dir")) if exc.exit_code == 3 else None
+        full = as_disk_error(exc, _fullest()) if exc.exit_code == 3 else None
         click.echo(f"kdpipe: error: {full or exc}", err=True)
         return full.exit_code if full else exc.exit_code
     except click.exceptions.Exit as exc:
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if verbose:
             traceback.print_exc()
-        full = as_disk_error(exc, _LOADED.get("cache_dir"))
+        full = as_disk_error(exc, _fullest())
         if full:
             click.echo(f"kdpipe: error: {full}", err=True)
             return full.exit_code

@@ -130,12 +130,13 @@ def as_disk_error(exc: BaseException, default_path: Path | str | None = None) ->
         if isinstance(cur, OSError) and cur.errno in FULL | READ_ONLY:
             path = cur.filename or default_path
             return DiskFullError(path, None, free_bytes(Path(path)) if path else None, ro=cur.errno in READ_ONLY)
-    for cur in chain:  # errors that lost their errno on the way, like torch.save's C++ writer's
-        text = str(cur)
-        if "No space left on device" in text or "file write failed" in text:
-            free = free_bytes(Path(default_path)) if default_path else None
-            if "No space" in text or (free is not None and free < MARGIN):
-                return DiskFullError(default_path, None, free)
+    # Errors that lost their errno on the way (torch.save's C++ writer says "file write failed" or "unexpected
+    # pos"): when the disk being written is full, that is what they are.
+    if any("No space left on device" in str(cur) for cur in chain):
+        return DiskFullError(default_path, None, free_bytes(Path(default_path)) if default_path else None)
+    free = free_bytes(Path(default_path)) if default_path else None
+    if free is not None and free < MARGIN:
+        return DiskFullError(default_path, None, free)
     return None
 
 

@@ -68,7 +68,7 @@ class FeaturesStage(Stage):
         dtype = np.float16 if conf.precision == "fp16" else np.float32
         feats = None
         feats_bytes = n * k * int(np.prod(shape)) * np.dtype(dtype).itemsize if shape is not None else 0
-        ensure_space(ctx.out_dir, feats_bytes + n * k * data.num_classes * 4)  # before any training time is spent
+        ensure_space(ctx.out_dir / FEATURES, feats_bytes + n * k * data.num_classes * 4)  # before the teacher runs
         if shape is not None:
             feats = open_reserved(ctx.out_dir / FEATURES, dtype, (n, k, *shape))
         logits = open_reserved(ctx.out_dir / LOGITS, np.float32, (n, k, data.num_classes))

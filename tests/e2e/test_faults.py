@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kdpipe.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, deep_merge
 from tests.unit.test_damaged_state import _holder
 
 
@@ -78,3 +78,37 @@ def test_torch_save_failure_on_a_full_disk(project, capsys, monkeypatch):
     code = main(["run", "--until", "teacher"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("kdpipe: error: no space left on device") and "free 4.0 KiB" in err
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 32 KiB tmpfs (needs root and mount rights; skipped elsewhere). Yields (mount point, resize)."""
+    import subprocess
+
+    point = tmp_path / "disk"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(point)], check=True)
+
+    yield point, resize
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_a_real_full_disk_then_recovery(project, capsys, tiny_disk, features):
+    disk, resize = tiny_disk
+    config = deep_merge(TINY, {"cache_dir": str(disk / "cache"), "features": {"enabled": features}})
+    if features:
+        resize("200k")  # the teacher fits, its features do not
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    code = main(["run", "--until", "distill"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"kdpipe: error: no space left on device writing {disk / 'cache'}"), err
+    assert "free " in err and ("needs ~" in err) == features
+    assert not list((disk / "cache").glob("*/.tmp-*"))  # no half-built entry
+    resize("50m")
+    assert main(["run", "--until", "distill"]) == 0  # recovered: the same cache, now with room
