@@ -49,6 +49,7 @@ class CacheLock:
         self.wait = wait
         self.notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
         self._fd: int | None = None
+        self._created = False
 
     def holder(self) -> dict | None:
         """Who holds (or last held) the lock, as it wrote itself into the lock file; None if unknown."""
@@ -61,6 +62,7 @@ class CacheLock:
     def acquire(self) -> CacheLock:
         if self._fd is not None:
             return self
+        self._created = not self.cache_dir.exists()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -94,6 +96,9 @@ class CacheLock:
             os.ftruncate(fd, 0)
         except OSError:
             pass  # a full or read-only disk must not keep the lock held
+        if self._created and [p.name for p in self.cache_dir.iterdir()] == [LOCK]:
+            self.path.unlink(missing_ok=True)  # a run that failed before writing anything leaves nothing behind
+            self.cache_dir.rmdir()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
