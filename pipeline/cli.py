@@ -267,6 +267,21 @@ def bench(
     click.echo(f"report: {cfg.output_dir / 'report.json'} (targets.{key})")
 
 
+LIBRARIES = r"(torch|torchvision|onnx|onnxruntime|onnxscript|timm|numpy|PIL|webdataset)(\.|$)"
+
+
+def _quiet_library_warnings() -> None:
+    """Libraries' deprecation and user warnings (torch.jit's, the unpickler's) are not kdpipe's output: without
+    --verbose (or the user's own PYTHONWARNINGS) they stay out of the terminal, so that an error is one line."""
+    import warnings
+
+    if sys.warnoptions:
+        return
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module=LIBRARIES)
+
+
 def _fullest() -> Path | None:
     """Of the folders this command writes, the one with the least free space (where a full disk would be)."""
     from kdpipe.diskspace import free_bytes
@@ -281,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     from kdpipe.diskspace import as_disk_error
 
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    if not verbose:
+        _quiet_library_warnings()
     try:
         cli.main(args=argv, prog_name="kdpipe", standalone_mode=False)
     except KdpipeError as exc:

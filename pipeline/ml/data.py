@@ -7,6 +7,7 @@ Small datasets (Fashion-MNIST, CIFAR) are loaded once as whole tensors; batches 
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +68,25 @@ class Splits:
         return self.data.train_y[self.val_idx]
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """An IDX file (gzipped or not) as an array; a damaged file is one line naming it and what is wrong."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, zlib.error) as exc:  # a gzip stream cut short, or damaged inside
+        raise UsageError(f"{path}: truncated or damaged gzip file ({exc})") from None
+    except gzip.BadGzipFile as exc:
+        raise UsageError(f"{path}: not a gzip file ({exc}); re-download it or remove the .gz suffix") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise UsageError(f"{path}: not an IDX file of unsigned bytes")
+    if ndim is not None and raw[3] != ndim:
+        raise UsageError(f"{path}: an IDX file of {raw[3]} dimensions, expected {ndim} (are the files swapped?)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UsageError(f"{path}: truncated IDX header")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
@@ -83,15 +96,17 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _fashion(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     f = sources.locate_fashion_mnist(cfg)
-    train_x = _read_idx(f["train-images-idx3-ubyte"])[:, None]
-    test_x = _read_idx(f["t10k-images-idx3-ubyte"])[:, None]
-    return (
-        FASHION_CLASSES,
-        train_x,
-        _read_idx(f["train-labels-idx1-ubyte"]),
-        test_x,
-        _read_idx(f["t10k-labels-idx1-ubyte"]),
-    )
+    arrays = []
+    for split in ("train", "t10k"):
+        images = _read_idx(f[f"{split}-images-idx3-ubyte"], ndim=3)
+        labels_file = f[f"{split}-labels-idx1-ubyte"]
+        labels = _read_idx(labels_file, ndim=1)
+        if len(labels) != len(images):
+            raise UsageError(f"{labels_file}: {len(labels)} labels for {len(images)} images")
+        if labels.size and labels.max() >= len(FASHION_CLASSES):
+            raise UsageError(f"{labels_file}: label {labels.max()} outside 0-{len(FASHION_CLASSES) - 1}")
+        arrays += [images[:, None], labels]
+    return FASHION_CLASSES, *arrays
 
 
 def _cifar(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +114,11 @@ def _cifar(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.nda
 
     folder = sources.locate_cifar(cfg)
     cls = datasets.CIFAR10 if cfg.config.data.dataset == "cifar10" else datasets.CIFAR100
-    train, test = cls(str(folder.parent), train=True), cls(str(folder.parent), train=False)
+    try:
+        train, test = cls(str(folder.parent), train=True), cls(str(folder.parent), train=False)
+    except Exception as exc:  # torchvision checks md5s (RuntimeError) and unpickles (many error types)
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"{folder}: damaged {cfg.config.data.dataset} files ({type(exc).__name__}: {why})") from None
     to_chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
     return list(train.classes), to_chw(train.data), np.array(train.targets), to_chw(test.data), np.array(test.targets)
 

@@ -79,3 +79,39 @@ def test_clean_with_cache_dir_that_is_a_file(project, capsys):
     code, err = run_cli(capsys, "clean", "-c", "pipeline.yaml", "--set", "cache_dir=afile")
     assert_one_line_exit_2(code, err, "cache_dir")
     assert (project / "afile").read_text() == "x"
+
+
+def test_library_warnings_stay_out_of_one_line_errors(project, capsys, monkeypatch):
+    import warnings
+
+    from kdpipe.errors import UsageError
+    from kdpipe.stages import STAGES
+
+    def noisy(self, ctx):
+        warnings.warn_explicit(
+            "torch.jit.script is deprecated", DeprecationWarning, "torch/jit/_script.py", 1, "torch.jit"
+        )
+        warnings.warn_explicit("Detected pickle protocol 4", UserWarning, "torch/_unpickler.py", 1, "torch._unpickler")
+        raise UsageError("teacher.path: bad.pt is damaged")
+
+    monkeypatch.setattr(STAGES.get("teacher"), "run", noisy)
+    with warnings.catch_warnings(record=True) as shown:  # what would reach the terminal
+        warnings.simplefilter("always")
+        code, err = run_cli(capsys, "run", "--until", "teacher")
+    assert_one_line_exit_2(code, err, "teacher.path")
+    assert [str(w.message) for w in shown] == []
+
+
+def test_truncated_dataset_file_through_the_cli(project, capsys):
+    from tests.unit.test_sources import fake_fashion
+
+    folder = fake_fashion(project / "fm")
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-20])
+    (project / "pipeline.yaml").write_text(
+        yaml.safe_dump({**TINY, "data": {"dataset": "fashion_mnist", "root": "fm", "download": False}})
+    )
+    code, err = run_cli(capsys, "run")
+    assert_one_line_exit_2(code, err, str(images), "truncated")
+    assert not [p for p in (project / ".kdpipe").glob("*/*") if not p.name.startswith(".")]  # no entry committed
+    assert not (project / "kdpipe-out").exists()
