@@ -100,15 +100,44 @@ class TrainConfig(Section):
 
 # --------------------------------------------------------------------------------------------- stages
 class TeacherConfig(Section):
-    source: Literal["train", "checkpoint", "torchscript", "torchvision"] = Field(
+    source: Literal["train", "checkpoint", "torchscript", "torchvision", "python"] = Field(
         "train",
-        description="train: from the recipe in `train`; checkpoint: a state_dict file for `arch`; "
-        "torchscript: a scripted/traced model file; torchvision: `arch` from torchvision with optional local weights.",
+        description="train: `arch` trained by the recipe in `train`; checkpoint: a weights file (`path`) for `arch`; "
+        "torchscript: a scripted/traced model file; torchvision: `arch` from torchvision with optional local weights; "
+        "python: the model `entrypoint` returns (user code, run as is), with optional weights `path` (without "
+        "`path` it is trained by the recipe, like train).",
     )
-    arch: str | None = Field("resnet20", description="Architecture name (`kdpipe models` lists them).")
-    path: str | None = Field(None, description="checkpoint / torchscript / torchvision weights file.")
+    arch: str | None = Field(
+        "resnet20",
+        description="Architecture: a zoo name (`kdpipe models`), torchvision:NAME or timm:NAME (any timm.list_models() "
+        "name, built offline with the data's channels and classes).",
+    )
+    entrypoint: str | None = Field(
+        None,
+        description="source: python: FILE.py:FUNCTION (the file beside the config) or package.module:FUNCTION, a "
+        "function returning an nn.Module. This runs your code. Its source file is part of the cache key.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra constructor arguments for timm:, torchvision: and python: models (e.g. timm's "
+        "{patch_size: 4, depth: 2}).",
+    )
+    path: str | None = Field(
+        None, description="Weights: a .safetensors file or a PyTorch state_dict file (or the TorchScript file)."
+    )
     allow_pickle: bool = Field(
         False, description="Load `path` with weights_only=False. A pickle is code: only for files you trust."
+    )
+    preprocessing: str | Normalize | None = Field(
+        None,
+        description="The normalisation the teacher's weights expect: {mean, std}, or a JSON/YAML sidecar file "
+        "holding mean and std (top level or under pretrained_cfg, as timm's config.json has them). Null: timm's "
+        "pretrained config for a loaded timm teacher, else the data's. Inputs are re-normalised for the teacher only.",
+    )
+    check_accuracy: bool = Field(
+        True,
+        description="Fail before distilling when a teacher loaded from a file scores near chance on the val split "
+        "(wrong normalisation, channel order, class order or checkpoint).",
     )
     feature_node: str | None = Field(
         None, description="The fx node whose output is the last feature map; null finds the input of the global pool."
@@ -119,9 +148,16 @@ class TeacherConfig(Section):
     def _check(self) -> TeacherConfig:
         if self.source in ("checkpoint", "torchscript") and not self.path:
             raise ValueError(f"source '{self.source}' needs `path`")
-        if self.source != "torchscript" and not self.arch:
+        if self.source == "python" and not self.entrypoint:
+            raise ValueError("source 'python' needs `entrypoint` (FILE.py:FUNCTION or package.module:FUNCTION)")
+        if self.source not in ("torchscript", "python") and not self.arch:
             raise ValueError(f"source '{self.source}' needs `arch`")
         return self
+
+    @property
+    def trains(self) -> bool:
+        """Whether the teacher stage trains this teacher (by the recipe) rather than loading it."""
+        return self.source == "train" or (self.source == "python" and not self.path)
 
 
 class FeaturesConfig(Section):
@@ -165,7 +201,19 @@ class DistillConfig(Section):
         description="Also train these methods with the same student, recipe and seed and compare validation and "
         "test top-1 (report key `comparison`); only `method`'s student is deployed.",
     )
-    student: str = Field("resnet8", description="Student architecture name.")
+    student: str = Field(
+        "resnet8",
+        description="Student architecture: a zoo name, torchvision:NAME, timm:NAME, or python:FILE.py:FUNCTION / "
+        "python:package.module:FUNCTION (user code, run as is).",
+    )
+    student_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra constructor arguments of a timm:, torchvision: or python: student."
+    )
+    require_smaller: bool = Field(
+        False,
+        description="Fail before training when the deployable student (for SimKD: student body + projector + the "
+        "teacher's head) has no fewer parameters than the teacher; false only warns.",
+    )
     factor: int = Field(2, ge=1, description="SimKD projector bottleneck factor f (C_t / f hidden channels).")
     student_feature_node: str | None = Field(None, description="Override of the student's last-feature-map node.")
     kd: KDConfig = Field(default_factory=KDConfig, description="kd settings.")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdpipe.config import LoadedConfig
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, UsageError
+from kdpipe.fileio import FileDigests
 from kdpipe.stages.base import STAGES, Stage, StageContext, read_metrics
 
 if TYPE_CHECKING:
@@ -49,11 +50,24 @@ class DistillStage(Stage):
     def data_parallel(self, cfg: LoadedConfig) -> bool:
         return True
 
+    def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
+        """A ``python:`` student's source file: editing the user's code rebuilds the student."""
+        from kdpipe.ml.entrypoints import PYTHON_PREFIX, parse_entrypoint, source_file
+
+        student = cfg.config.distill.student
+        if not student.startswith(PYTHON_PREFIX):
+            return {}
+        try:
+            path = source_file(parse_entrypoint(student[len(PYTHON_PREFIX) :], cfg.base))
+        except UsageError as exc:
+            raise ConfigError("distill.student", str(exc), cfg.source) from None
+        return {"student_code": memo.file(path)}
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
         from kdpipe.ml.distributed import world
-        from kdpipe.ml.models import load_teacher, stage_data
+        from kdpipe.ml.models import count_parameters, load_teacher, stage_data
         from kdpipe.ml.split import split_model
         from kdpipe.ml.training import accuracy, pick_device, predict
         from kdpipe.stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo, TeacherParts
@@ -75,15 +89,18 @@ class DistillStage(Stage):
                     cfg.source,
                 )
             split = split_model(teacher, info.example(), tspec["feature_node"], what="teacher.feature_node")
-        parts = TeacherParts(tspec["arch"], split)
+        parts = TeacherParts(tspec["arch"], split, dict(tspec.get("kwargs") or {}))
         device = pick_device(cfg.config.runtime.device)
+        check_loaded_teacher(ctx, tspec)
+        teacher_size = count_parameters(teacher)
 
         metrics: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
         for method, distiller in methods.items():
             main = method == conf.method
             work_dir = ctx.work_dir if main else ctx.work_dir / method
-            built, result = train_method(ctx, distiller, parts, teacher, info, splits, device, work_dir)
+            check = (lambda b, d=distiller: check_size(ctx, d, b, teacher_size)) if main else None
+            built, result = train_method(ctx, distiller, parts, teacher, info, splits, device, work_dir, check)
             if world()[0] != 0:  # a torchrun follower: rank 0 evaluates, compares and saves
                 continue
             breakdown = distiller.parameter_breakdown(built)
@@ -106,7 +123,12 @@ class DistillStage(Stage):
                 (ctx.out_dir / STUDENT_SPEC).write_text(json.dumps(built.spec, indent=2))
                 metrics = {
                     "method": method,
-                    "student_arch": conf.student,
+                    "student_arch": built.spec["student_arch"],
+                    "teacher_parameters": teacher_size,
+                    "feature_modes": {
+                        "student": built.spec.get("student_split_mode"),
+                        "teacher": built.spec.get("teacher_split_mode"),
+                    },
                     "teacher_arch": tspec["arch"],
                     "parameters": breakdown,
                     "feature_nodes": {
@@ -131,17 +153,22 @@ def train_method(
     splits: Splits,
     device: torch.device,
     work_dir: Path,
+    check: Callable[[Built], None] | None = None,
 ) -> tuple[Built, dict[str, Any]]:
-    """Build ``distiller``'s student (seeded) and train it with the shared loop; the result adds ``seconds``."""
+    """Build ``distiller``'s student (seeded), ``check`` it, and train it with the shared loop; the result adds
+    ``seconds``."""
     import torch
 
+    from kdpipe.ml.entrypoints import resolve_model_name
     from kdpipe.ml.training import fit
     from kdpipe.stages.distillers import OnlineTeacher
 
     cfg, conf = ctx.cfg, ctx.cfg.config.distill
     channels_last = cfg.config.runtime.channels_last
     torch.manual_seed(conf.train.seed)  # every method starts from the same student initialisation
-    built = distiller.build(parts, conf.student, info, conf)
+    built = distiller.build(parts, resolve_model_name(conf.student, cfg.base), info, conf)
+    if check is not None:
+        check(built)
     teacher_signals: Callable[[Batch], dict[str, torch.Tensor]] | None = None
     views = None
     if "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
@@ -172,3 +199,55 @@ def train_method(
         nproc=cfg.config.runtime.nproc,
     )
     return built, {**result, "seconds": time.perf_counter() - t0}
+
+
+def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any]) -> None:
+    """A teacher loaded from a file must beat chance on val before anything is distilled from it."""
+    from kdpipe.ml.teacher_checks import check_teacher_accuracy
+
+    cfg = ctx.cfg
+    loaded = tspec.get("loaded", tspec.get("source") in ("checkpoint", "torchscript"))
+    if not (loaded and cfg.config.teacher.check_accuracy):
+        return
+    tm = read_metrics(ctx.inputs["teacher"])
+    if tm.get("best_val_top1") is None:
+        return
+    adapter = tspec.get("input_adapter")
+    fed = (
+        f"mean {adapter['mean']} std {adapter['std']} ({tspec.get('preprocessing_source', 'teacher')})"
+        if adapter
+        else "the data's own mean/std"
+    )
+    what = f"{tspec.get('source')} {tspec.get('arch') or ''}".strip()
+    n_val = tm.get("data", {}).get("val_images", 0)
+    check_teacher_accuracy(tm["best_val_top1"], len(tspec["classes"]), n_val, what, fed, cfg.source)
+
+
+def check_size(ctx: StageContext, distiller: Distiller, built: Built, teacher_size: int) -> None:
+    """Before training: warn (or, with ``distill.require_smaller``, fail) when the deployable student is not
+    smaller than the teacher, naming the SimKD projector factor that would fit."""
+    from kdpipe.ml.teacher_checks import size_verdict, smallest_fitting_factor
+
+    conf = ctx.cfg.config.distill
+    breakdown = distiller.parameter_breakdown(built)
+    if breakdown["total"] < teacher_size:
+        return
+    factor = fit = None
+    projector = getattr(built.model, "projector", None)
+    if distiller.name == "simkd" and projector is not None:
+        from kdpipe.stages.distillers.simkd import projector_parameters
+
+        spec = built.spec
+        s_c, t_c = spec["student_feature_shape"][0], spec["teacher_feature_shape"][0]
+        kernel = spec.get("projector_kernel", 3)
+        factor = conf.factor
+        fixed = breakdown["total"] - breakdown["projector"]
+        fit = smallest_fitting_factor(
+            fixed, teacher_size, lambda f: projector_parameters(s_c, t_c, f, kernel), t_c, factor + 1
+        )
+    message = size_verdict(breakdown, teacher_size, fit, factor)
+    if message is None:
+        return
+    if conf.require_smaller:
+        raise ConfigError("distill.require_smaller", message, ctx.cfg.source)
+    ctx.log(f"warning: distill.student: {message}")

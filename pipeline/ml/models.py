@@ -11,6 +11,7 @@ from torch import nn
 
 from kdpipe.errors import ConfigError
 from kdpipe.ml.data import Dataset, Splits, load_dataset, make_splits
+from kdpipe.ml.preprocessing import with_adapter
 from kdpipe.ml.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
 from kdpipe.ml.zoo import count_parameters, create_model  # noqa: F401 - re-exported
 
@@ -48,15 +49,32 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], key: str, arch: 
     model.load_state_dict(state)
 
 
+def build_teacher_model(spec: dict[str, Any]) -> nn.Module:
+    """The teacher architecture of a teacher spec, freshly initialised (timm/python kwargs and image size too)."""
+    h, w = spec["input_shape"][1:] if spec.get("input_shape") else (None, None)
+    return create_model(
+        spec["arch"],
+        num_classes=spec["num_classes"],
+        in_channels=spec["in_channels"],
+        image_size=h if h == w else (h, w),
+        kwargs=spec.get("kwargs") or None,
+    )
+
+
 def load_teacher(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher committed by the teacher stage, in eval mode, and its spec."""
+    """The teacher committed by the teacher stage, in eval mode, and its spec.
+
+    A teacher whose weights expect another normalisation than the data's comes behind its re-normalisation
+    (spec ``input_adapter``, see :mod:`kdpipe.ml.preprocessing`), so every caller feeds it data-normalised input.
+    """
     spec = json.loads((folder / TEACHER_SPEC).read_text())
     if spec["format"] == "torchscript":
         model = torch.jit.load(str(folder / TEACHER_SCRIPT), map_location="cpu")
     else:
-        model = create_model(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"])
-        model.load_state_dict(load_weights(folder / TEACHER_STATE, key="teacher", source=str(folder)))
-    return model.eval(), spec
+        model = build_teacher_model(spec)
+        weights = folder / spec.get("weights", TEACHER_STATE)
+        model.load_state_dict(load_weights(weights, key="teacher", source=str(folder)))
+    return with_adapter(model, spec.get("input_adapter")).eval(), spec
 
 
 def frozen(model: nn.Module) -> nn.Module:

@@ -5,11 +5,15 @@ The last feature map is the input of the model's global pooling: the last poolin
 value per channel. This works whatever the model's last module is (MobileNetV2, ShuffleNetV2 end with
 convolutions and a pool hidden in ``forward``), which the SimKD reference code could not handle.
 Shapes are fixed once here, when the model is built, so no teacher forward is ever needed to read them.
+
+Models with timm's contract (``forward_features`` / ``forward_head``: every timm model, CNN or ViT) are cut
+through it instead (:mod:`kdpipe.ml.contract_split`), unless a feature node is named.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from kdpipe.errors import UsageError
+from kdpipe.ml.contract_split import MAP, contract_split, has_contract
+from kdpipe.ml.preprocessing import Preprocessed
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
 _POOL_FUNCTIONS = {
@@ -33,12 +39,18 @@ _POOL_METHODS = {"mean", "amax", "flatten", "view", "reshape", "squeeze"}
 
 @dataclass(frozen=True)
 class Split:
-    """A model cut in two at ``node``; ``feature_shape`` is (C, H, W) for the example input size."""
+    """A model cut in two at ``node``; ``feature_shape`` is (C, H, W) for the example input size.
 
-    body: fx.GraphModule
-    head: fx.GraphModule
+    ``mode`` says how: ``fx`` (traced, cut at the last global pool), ``map`` (timm's forward_features /
+    forward_head) or ``pre_logits`` (a token model's pooled pre-logits as a (D, 1, 1) map, the head its
+    classifier); see :mod:`kdpipe.ml.contract_split`. ``node`` names the cut for reports.
+    """
+
+    body: nn.Module
+    head: nn.Module
     node: str
     feature_shape: tuple[int, int, int]
+    mode: str = "fx"
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -117,6 +129,14 @@ def split_model(model: nn.Module, example: torch.Tensor, feature_node: str | Non
         feature_node: force the cut at this fx node name instead of finding it.
         what: the config key naming the model, used in error messages.
     """
+    if isinstance(model, Preprocessed):  # the teacher's own normalisation starts its body
+        inner = split_model(model.model, model.renorm(example), feature_node, what)
+        body = nn.Sequential(copy.deepcopy(model.renorm), inner.body)
+        return dataclasses.replace(inner, body=body)
+    if feature_node is None and has_contract(model):
+        body, head, mode, shape = contract_split(model, example, what)
+        node = "forward_features" if mode == MAP else "forward_head(pre_logits=True)"
+        return Split(body=body, head=head, node=node, feature_shape=shape, mode=mode)  # type: ignore[arg-type]
     model = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(model)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,6 +42,23 @@ class DataInfo:
         """A zero batch of the input shape: what fx shape propagation runs on, once."""
         return torch.zeros(2, *self.input_shape)
 
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """What models built for one input size (ViTs) are built for: the data's (square) image size."""
+        h, w = self.input_shape[1:]
+        return h if h == w else (h, w)
+
+    def create(self, arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+        """A freshly initialised model ``arch`` for this data (zoo, ``torchvision:``, ``timm:`` or ``python:``)."""
+        return create_model(
+            arch, num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size, kwargs=kwargs
+        )
+
+    @classmethod
+    def of_spec(cls, spec: dict[str, Any]) -> DataInfo:
+        """The data a saved student was built for, from its spec."""
+        return cls(spec["num_classes"], tuple(spec["input_shape"]), list(spec.get("classes", [])))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class TeacherParts:
@@ -50,6 +67,7 @@ class TeacherParts:
 
     arch: str | None
     split: Split | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,19 +107,23 @@ class Distiller(abc.ABC):
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any]) -> nn.Module:
-        """The deployable student, freshly initialised, from its spec alone. Default: the plain zoo student."""
-        return create_model(spec["student_arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"])
+        """The deployable student, freshly initialised, from its spec alone. Default: the plain student."""
+        return DataInfo.of_spec(spec).create(spec["student_arch"], spec.get("student_kwargs"))
 
     def parameter_breakdown(self, built: Built) -> dict[str, int]:
         """Parameters of the deployable student (``total``, and its parts where it has some)."""
         n = count_parameters(built.model)
         return {"student": n, "total": n}
 
-    def base_spec(self, teacher: TeacherParts, student_arch: str, data: DataInfo) -> dict[str, Any]:
+    def base_spec(
+        self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig | None = None
+    ) -> dict[str, Any]:
         return {
             "method": self.name,
             "student_arch": student_arch,
+            "student_kwargs": dict(conf.student_kwargs) if conf else {},
             "teacher_arch": teacher.arch,
+            "teacher_kwargs": dict(teacher.kwargs),
             "num_classes": data.num_classes,
             "in_channels": data.in_channels,
             "input_shape": list(data.input_shape),
@@ -110,6 +132,24 @@ class Distiller(abc.ABC):
 
 
 DISTILLERS: Registry[type[Distiller]] = Registry("distillation method")
+
+
+def feature_node(spec: dict[str, Any], who: str) -> str | None:
+    """The fx node a saved spec cut ``who`` (student/teacher) at; None where the model was cut through
+    timm's contract (the node then names a method, re-found by :func:`~kdpipe.ml.split.split_model`)."""
+    if spec.get(f"{who}_split_mode", "fx") != "fx":
+        return None
+    return spec.get(f"{who}_feature_node")
+
+
+def split_facts(s: Split, t: Split) -> dict[str, Any]:
+    """Where student and teacher were cut, for the spec: nodes and modes (see :class:`Split`)."""
+    return {
+        "student_feature_node": s.node,
+        "teacher_feature_node": t.node,
+        "student_split_mode": s.mode,
+        "teacher_split_mode": t.mode,
+    }
 
 
 def split_student(model: nn.Module, data: DataInfo, node: str | None) -> Split:

@@ -15,8 +15,8 @@ from torch import nn
 
 from kdpipe.config import DistillConfig
 from kdpipe.errors import UsageError
+from kdpipe.ml.contract_split import contract_parts
 from kdpipe.ml.data import Batch
-from kdpipe.ml.zoo import create_model
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
     Built,
@@ -25,6 +25,7 @@ from kdpipe.stages.distillers.base import (
     TeacherParts,
     pool,
     spec_shapes,
+    split_facts,
     split_student,
     teacher_split,
 )
@@ -80,19 +81,22 @@ class FitNet(Distiller):
     signals = frozenset({"features"})
 
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
-        student = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
+        student = data.create(student_arch, conf.student_kwargs)
         s = split_student(student, data, conf.student_feature_node)
-        tie(student, s.body, s.head)
+        body, head = s.body, s.head
+        if s.mode == "fx":
+            tie(student, body, head)
+        else:  # cut through timm's contract: views on the student itself, so training them trains it
+            body, head = contract_parts(student, s.mode)
         t = teacher_split(teacher, self.title)
         spec = {
-            **self.base_spec(teacher, student_arch, data),
-            "student_feature_node": s.node,
-            "teacher_feature_node": t.node,
+            **self.base_spec(teacher, student_arch, data, conf),
+            **split_facts(s, t),
             **spec_shapes(s.feature_shape, t.feature_shape),
             "beta": conf.fitnet.beta,
             "label_smoothing": conf.train.label_smoothing,
         }
-        trainer = FitNetTrainer(s.body, s.head, Regressor(s.feature_shape[0], t.feature_shape[0]))
+        trainer = FitNetTrainer(body, head, Regressor(s.feature_shape[0], t.feature_shape[0]))
         return Built(model=student, trainable=trainer, spec=spec)
 
     def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
-from kdpipe.ml.zoo import create_model
 from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
 
 
@@ -39,9 +38,9 @@ class KD(Distiller):
     signals = frozenset({"logits"})
 
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
-        model = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
+        model = data.create(student_arch, conf.student_kwargs)
         spec = {
-            **self.base_spec(teacher, student_arch, data),
+            **self.base_spec(teacher, student_arch, data, conf),
             "temperature": conf.kd.temperature,
             "alpha": conf.kd.alpha,
             "label_smoothing": conf.train.label_smoothing,

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
-from kdpipe.ml.zoo import create_model
 from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
 
 
@@ -22,8 +21,8 @@ class Scratch(Distiller):
     signals = frozenset()
 
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
-        model = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
-        spec = {**self.base_spec(teacher, student_arch, data), "label_smoothing": conf.train.label_smoothing}
+        model = data.create(student_arch, conf.student_kwargs)
+        spec = {**self.base_spec(teacher, student_arch, data, conf), "label_smoothing": conf.train.label_smoothing}
         return Built(model=model, trainable=model, spec=spec)
 
     def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,16 +17,19 @@ from torch import nn
 from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
 from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.ml.zoo import count_parameters
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
     Built,
     DataInfo,
     Distiller,
     TeacherParts,
+    common_size,
+    feature_node,
     frozen_copy,
     pool,
     spec_shapes,
+    split_facts,
     split_student,
     teacher_split,
 )
@@ -37,12 +40,19 @@ def conv_bn_relu(cin: int, cout: int, k: int) -> list[nn.Module]:
 
 
 class Projector(nn.Sequential):
-    """Conv1x1(C_s→C_t/f) → BN → ReLU → Conv3x3(C_t/f→C_t/f) → BN → ReLU → Conv1x1(C_t/f→C_t) → BN → ReLU."""
+    """Conv1x1(C_s→C_t/f) → BN → ReLU → Conv3x3(C_t/f→C_t/f) → BN → ReLU → Conv1x1(C_t/f→C_t) → BN → ReLU.
 
-    def __init__(self, s_channels: int, t_channels: int, factor: int = 2) -> None:
+    ``kernel`` is the middle convolution's size: 1 where the aligned maps are 1×1 (a token teacher's
+    pre-logits, or maps pooled to one pixel), since a 3×3 kernel there would only ever use its centre tap;
+    the projector is then a three-layer MLP on the pooled features.
+    """
+
+    def __init__(self, s_channels: int, t_channels: int, factor: int = 2, kernel: int = 3) -> None:
         hidden = max(1, t_channels // factor)
         super().__init__(
-            *conv_bn_relu(s_channels, hidden, 1), *conv_bn_relu(hidden, hidden, 3), *conv_bn_relu(hidden, t_channels, 1)
+            *conv_bn_relu(s_channels, hidden, 1),
+            *conv_bn_relu(hidden, hidden, kernel),
+            *conv_bn_relu(hidden, t_channels, 1),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -82,6 +92,17 @@ class SimKDStudent(nn.Module):
         return {**parts, "total": sum(parts.values())}
 
 
+def projector_parameters(s_channels: int, t_channels: int, factor: int, kernel: int = 3) -> int:
+    """Parameters of ``Projector(s_channels, t_channels, factor, kernel)``, without building it."""
+    h = max(1, t_channels // factor)
+    return s_channels * h + h * h * kernel * kernel + h * t_channels + 2 * (h + h + t_channels)
+
+
+def projector_kernel(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> int:
+    """3 (SimKD's 3×3 middle convolution), or 1 where the aligned maps are 1×1 pixel."""
+    return 1 if tuple(common_size(s_shape[1:], t_shape[1:])) == (1, 1) else 3  # type: ignore[arg-type]
+
+
 @DISTILLERS.register("simkd")
 class SimKD(Distiller):
     """MSE between the projected student map and the teacher map, on full C×H×W maps (no CE, no KL)."""
@@ -92,17 +113,17 @@ class SimKD(Distiller):
     why_features = "reuses the teacher's classifier"
 
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
-        student = create_model(student_arch, num_classes=data.num_classes, in_channels=data.in_channels)
+        student = data.create(student_arch, conf.student_kwargs)
         s = split_student(student, data, conf.student_feature_node)
         t = teacher_split(teacher, self.title)
         spec = {
-            **self.base_spec(teacher, student_arch, data),
-            "student_feature_node": s.node,
-            "teacher_feature_node": t.node,
+            **self.base_spec(teacher, student_arch, data, conf),
+            **split_facts(s, t),
             "factor": conf.factor,
             **spec_shapes(s.feature_shape, t.feature_shape),
         }
-        projector = Projector(s.feature_shape[0], t.feature_shape[0], conf.factor)
+        spec["projector_kernel"] = projector_kernel(s.feature_shape, t.feature_shape)
+        projector = Projector(s.feature_shape[0], t.feature_shape[0], conf.factor, spec["projector_kernel"])
         model = SimKDStudent(s.body, projector, frozen_copy(t.head), spec["student_pool_to"])
         return Built(model=model, trainable=model, spec=spec)
 
@@ -114,20 +135,21 @@ class SimKD(Distiller):
     @classmethod
     def rebuild(cls, spec: dict[str, Any]) -> SimKDStudent:
         """The teacher head is rebuilt from the teacher *architecture*; its weights come with student.pt."""
-        example = torch.zeros(2, *spec["input_shape"])
+        data = DataInfo.of_spec(spec)
         s = split_model(
-            create_model(spec["student_arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"]),
-            example,
-            spec["student_feature_node"],
+            data.create(spec["student_arch"], spec.get("student_kwargs")),
+            data.example(),
+            feature_node(spec, "student"),
             what="distill.student",
         )
         t = split_model(
-            create_model(spec["teacher_arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"]),
-            example,
-            spec["teacher_feature_node"],
+            data.create(spec["teacher_arch"], spec.get("teacher_kwargs")),
+            data.example(),
+            feature_node(spec, "teacher"),
             what="teacher.arch",
         )
-        projector = Projector(s.feature_shape[0], t.feature_shape[0], spec["factor"])
+        kernel = spec.get("projector_kernel", 3)  # students saved before token teachers: always 3×3
+        projector = Projector(s.feature_shape[0], t.feature_shape[0], spec["factor"], kernel)
         return SimKDStudent(s.body, projector, t.head, spec["student_pool_to"])
 
     def parameter_breakdown(self, built: Built) -> dict[str, int]:

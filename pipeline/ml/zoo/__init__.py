@@ -1,4 +1,4 @@
-"""The model zoo: CIFAR-style architectures used in the KD literature plus torchvision models.
+"""The model zoo: CIFAR-style architectures used in the KD literature, plus torchvision, timm and user-code models.
 
 Constructors are registered in :data:`MODELS` under their function name and all share the signature
 ``(num_classes: int = 10, in_channels: int = 3) -> nn.Module``. Every registered model is
@@ -6,7 +6,15 @@ Constructors are registered in :data:`MODELS` under their function name and all 
 body/head splitter can cut it at the input of the last pooling op.
 """
 
-from kdpipe.ml.zoo import mobilenetv2, resnet_cifar, shufflenetv2, tiny, wrn  # noqa: F401 - registers the models
+from kdpipe.ml.zoo import (  # noqa: F401 - registers the models and adapters
+    mobilenetv2,
+    resnet_cifar,
+    shufflenetv2,
+    timm_models,
+    tiny,
+    user_code,
+    wrn,
+)
 from kdpipe.ml.zoo.base import (
     MODELS,
     TORCHVISION_PREFIX,
