@@ -1,0 +1,91 @@
+"""Building the teacher a config asks for: its architecture name, constructor, weights and preprocessing.
+
+One place for what the teacher stage needs from every source (zoo, ``torchvision:``, ``timm:``, ``python:``
+user code), so the stage keeps to its own job (train or load, evaluate, commit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdpipe.config import LoadedConfig, TeacherConfig
+from kdpipe.errors import ConfigError, UsageError
+from kdpipe.ml.entrypoints import PYTHON_PREFIX, parse_entrypoint, source_file
+from kdpipe.ml.preprocessing import adapter_spec, teacher_normalization
+from kdpipe.ml.zoo import create_model
+
+
+def teacher_arch(conf: TeacherConfig, base: Path) -> str:
+    """The model name the teacher is built from: ``python:/abs/file.py:func`` for user code, else ``arch``."""
+    if conf.source == "python":
+        return PYTHON_PREFIX + str(parse_entrypoint(conf.entrypoint or "", base))
+    return conf.arch or ""
+
+
+def teacher_code(cfg: LoadedConfig) -> Path | None:
+    """The user's source file of a ``source: python`` teacher (its bytes are part of the cache key)."""
+    conf = cfg.config.teacher
+    if conf.source != "python":
+        return None
+    try:
+        return source_file(parse_entrypoint(conf.entrypoint or "", cfg.base))
+    except UsageError as exc:
+        raise ConfigError("teacher.entrypoint", str(exc), cfg.source) from None
+
+
+def weights_path(cfg: LoadedConfig) -> Path | None:
+    """The weights file the teacher is loaded from, if any (not for a teacher trained here)."""
+    conf = cfg.config.teacher
+    if conf.trains or not conf.path or conf.source == "torchscript":
+        return None
+    return cfg.resolve(conf.path)
+
+
+@dataclass
+class TeacherBuild:
+    """A built (untrained or loaded) teacher and the facts its spec records."""
+
+    model: nn.Module
+    arch: str
+    kwargs: dict[str, Any]
+    loaded: bool
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def build_teacher(cfg: LoadedConfig, num_classes: int, input_shape: tuple[int, ...]) -> TeacherBuild:
+    """The teacher model (weights loaded when a file gives them), seeded by the caller."""
+    from kdpipe.ml.models import load_into, load_state_dict_file
+
+    conf = cfg.config.teacher
+    arch = teacher_arch(conf, cfg.base)
+    h, w = input_shape[1:]
+    key = "teacher.entrypoint" if conf.source == "python" else "teacher.arch"
+    try:
+        model = create_model(
+            arch, num_classes=num_classes, in_channels=input_shape[0], image_size=h if h == w else (h, w),
+            kwargs=conf.kwargs or None,
+        )  # fmt: skip
+    except ConfigError:
+        raise
+    except UsageError as exc:
+        raise ConfigError(key, str(exc), cfg.source) from None
+    path = weights_path(cfg)
+    if path is not None:
+        state = load_state_dict_file(path, "teacher.path", conf.allow_pickle, cfg.source)
+        load_into(model, state, "teacher.path", arch, cfg.source)
+    return TeacherBuild(model, arch, dict(conf.kwargs), loaded=path is not None)
+
+
+def preprocessing_spec(
+    cfg: LoadedConfig, model: nn.Module, loaded: bool, data_mean: list[float], data_std: list[float]
+) -> dict[str, Any]:
+    """Spec entries for the teacher's own normalisation: ``input_adapter`` (or None) and where it came from."""
+    found = teacher_normalization(cfg.config.teacher, model, loaded, len(data_mean), cfg.resolve, cfg.source)
+    if found is None:
+        return {"input_adapter": None, "preprocessing_source": "data"}
+    mean, std, origin = found
+    return {"input_adapter": adapter_spec(data_mean, data_std, mean, std), "preprocessing_source": origin}
