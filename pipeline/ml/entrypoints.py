@@ -7,7 +7,7 @@ returns must be an ``nn.Module`` mapping images to logits. It is called with whi
 
 The entry point's source bytes (the file, or the module's ``__file__``) are part of the stages' cache keys
 (:func:`source_digest`): editing the function's file rebuilds the model. Other files it imports are not
-tracked; keep the model in one file or force a re-run.
+tracked; keep the model in one file or force a re-run. This module imports torch only to build.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from kdpipe.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PYTHON_PREFIX = "python:"
 BUILD_ARGS = ("num_classes", "in_channels", "image_size")
@@ -137,6 +138,8 @@ def build_from_entrypoint(
     kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Call the user's function with the build arguments it accepts; it must return an ``nn.Module``."""
+    from torch import nn  # imported here: parsing and fingerprinting entry points (kdpipe status) need no torch
+
     fn = load_callable(ep)
     offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     try:

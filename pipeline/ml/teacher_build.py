@@ -1,22 +1,22 @@
 """Building the teacher a config asks for: its architecture name, constructor, weights and preprocessing.
 
 One place for what the teacher stage needs from every source (zoo, ``torchvision:``, ``timm:``, ``python:``
-user code), so the stage keeps to its own job (train or load, evaluate, commit).
+user code), so the stage keeps to its own job (train or load, evaluate, commit). Torch is imported only to
+build: the fingerprints (:func:`teacher_code`, :func:`weights_path`) serve ``kdpipe status`` too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from kdpipe.config import LoadedConfig, TeacherConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.ml.entrypoints import PYTHON_PREFIX, parse_entrypoint, source_file
-from kdpipe.ml.preprocessing import adapter_spec, teacher_normalization
-from kdpipe.ml.zoo import create_model
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def teacher_arch(conf: TeacherConfig, base: Path) -> str:
@@ -59,6 +59,7 @@ class TeacherBuild:
 def build_teacher(cfg: LoadedConfig, num_classes: int, input_shape: tuple[int, ...]) -> TeacherBuild:
     """The teacher model (weights loaded when a file gives them), seeded by the caller."""
     from kdpipe.ml.models import load_into, load_state_dict_file
+    from kdpipe.ml.zoo import create_model
 
     conf = cfg.config.teacher
     arch = teacher_arch(conf, cfg.base)
@@ -84,6 +85,8 @@ def preprocessing_spec(
     cfg: LoadedConfig, model: nn.Module, loaded: bool, data_mean: list[float], data_std: list[float]
 ) -> dict[str, Any]:
     """Spec entries for the teacher's own normalisation: ``input_adapter`` (or None) and where it came from."""
+    from kdpipe.ml.preprocessing import adapter_spec, teacher_normalization
+
     found = teacher_normalization(cfg.config.teacher, model, loaded, len(data_mean), cfg.resolve, cfg.source)
     if found is None:
         return {"input_adapter": None, "preprocessing_source": "data"}
