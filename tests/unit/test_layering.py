@@ -26,7 +26,7 @@ GROUND = {
     "kdpipe.version", "kdpipe.errors", "kdpipe.fileio", "kdpipe.registry", "kdpipe.config", "kdpipe.cache",
     "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace",
 }  # fmt: skip
-TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__"}
+TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__", "kdpipe.preflight"}
 
 
 def _modules() -> dict[str, Path]:

@@ -1,0 +1,250 @@
+"""Check before work: everything that can be checked without training is checked before the first stage runs.
+
+An unavailable execution provider, a gate naming a model the run will not have, an unknown
+``feature_node`` or a TorchScript teacher given to SimKD used to be found by the stage that needed
+it, after the stages before it had trained for minutes or hours. Each check here raises the same
+one-line error (key and file named, exit 2) the stage would have, before any stage runs. Checks
+only look at the stages that will run (a cached stage has nothing left to fail), build untrained
+models on a zero batch (shape tracing only), and never touch the data's pixels.
+
+Top floor: the runner calls :func:`preflight` after planning and before executing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kdpipe.config import GateConfig, LoadedConfig
+from kdpipe.diskspace import check_writable_dir, ensure_space
+from kdpipe.errors import ConfigError, UsageError
+
+#: what each deployment variant needs beyond onnxruntime's core (a trimmed onnxruntime wheel may lack it)
+VARIANT_MODULES = {
+    "optimized": (),
+    "fp16": ("onnxruntime.transformers",),
+    "int8_dynamic": ("onnxruntime.quantization",),
+    "int8_static": ("onnxruntime.quantization",),
+}
+#: (channels, height, width, classes, training images) of the datasets whose shape the config alone fixes
+KNOWN_SHAPES = {
+    "fashion_mnist": (1, 28, 28, 10, 60000),
+    "cifar10": (3, 32, 32, 10, 50000),
+    "cifar100": (3, 32, 32, 100, 50000),
+}
+
+
+@dataclass
+class Shape:
+    """What the models are built for, known from the config before any data is read."""
+
+    channels: int
+    height: int
+    width: int
+    classes: int
+    train_images: int | None
+
+
+def data_shape(cfg: LoadedConfig) -> Shape | None:
+    """The input shape and class count the config implies, or None when only the data can tell."""
+    data = cfg.config.data
+    if data.dataset == "synthetic":
+        s = data.synthetic
+        return Shape(s.channels, s.image_size, s.image_size, s.num_classes, s.train_size)
+    if data.dataset in KNOWN_SHAPES:
+        c, h, w, k, n = KNOWN_SHAPES[data.dataset]
+        return Shape(c, h, w, k, n)
+    return None
+
+
+def preflight(
+    cfg: LoadedConfig,
+    stale: Iterable[str],
+    gates: Iterable[GateConfig] = (),
+    complete: bool = True,
+    baseline: bool = False,
+) -> None:
+    """Raise the first problem the stages in ``stale`` (or the gates, when the run is ``complete``) would meet."""
+    stale = set(stale)
+    for key in ("cache_dir", "output_dir"):
+        check_writable_dir(getattr(cfg, key), key, cfg.source)
+    if complete:
+        check_gates(cfg, [*cfg.config.gates, *gates], baseline)
+    if "benchmark" in stale:
+        check_providers(cfg)
+    if "export" in stale:
+        check_variants(cfg)
+    if stale & {"teacher", "features", "distill"}:
+        check_models(cfg, stale)
+
+
+def check_providers(cfg: LoadedConfig) -> None:
+    """Every requested ONNX Runtime execution provider must be available in this onnxruntime."""
+    from kdpipe.stages.benchmark import providers_to_measure
+
+    try:
+        providers_to_measure(list(cfg.config.benchmark.providers))
+    except UsageError as exc:
+        key, _, msg = str(exc).partition(": ")
+        raise ConfigError(key, msg, cfg.source) from None
+
+
+def check_variants(cfg: LoadedConfig) -> None:
+    """The chosen variants' converters must be importable (a trimmed onnxruntime build may lack them)."""
+    for variant in cfg.config.export.variants:
+        for module in VARIANT_MODULES.get(variant, ()):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                raise ConfigError(
+                    "export.variants", f"'{variant}' needs {module}, which this onnxruntime lacks", cfg.source
+                )
+
+
+def run_models(cfg: LoadedConfig) -> dict[str, dict[str, Any]]:
+    """The models a complete run's report will have, and what is measured of each."""
+    conf = cfg.config
+    teacher_exported = conf.export.teacher
+    models: dict[str, dict[str, Any]] = {
+        "student": {"exported": True, "agreement_with_teacher": True},
+        "teacher": {"exported": teacher_exported, "agreement_with_teacher": False},
+    }
+    for variant in conf.export.variants:
+        models[f"student-{variant}"] = {"exported": True, "agreement_with_teacher": False}
+    return models
+
+
+def check_gates(cfg: LoadedConfig, gates: list[GateConfig], baseline: bool = False) -> None:
+    """Each gate must name a model the run will have, a figure that will be measured for it, and a batch size
+    and thread count the benchmark will measure."""
+    from kdpipe.reporting.gates import gate_name
+
+    conf = cfg.config
+    models = run_models(cfg)
+    for g in gates:
+        problem = _gate_problem(g, models, conf.benchmark.batch_sizes, conf.benchmark.intra_op_threads)
+        if problem:
+            raise ConfigError("gates", f"gate '{gate_name(g)}': {problem}", cfg.source)
+    if baseline:
+        unknown = [m for m in conf.baseline.models if m not in models]
+        if unknown:
+            raise ConfigError(
+                "baseline.models", f"the run will have no model '{unknown[0]}'; models: {', '.join(models)}", cfg.source
+            )
+
+
+def _gate_problem(
+    g: GateConfig, models: dict[str, dict[str, Any]], batch_sizes: list[int], threads: list[int]
+) -> str | None:
+    from kdpipe.reporting.gates import LATENCY, PARITY
+
+    model = models.get(g.model)
+    if model is None:
+        return f"the run will have no model '{g.model}'; models: {', '.join(models)}"
+    if g.metric == "agreement_with_teacher" and not model["agreement_with_teacher"]:
+        return "agreement_with_teacher is measured for the student only"
+    if (g.metric in LATENCY | PARITY or g.metric == "file_bytes") and not model["exported"]:
+        return f"'{g.model}' is not exported (set export.teacher: true)"
+    if g.metric == "speedup_p50" and not models["teacher"]["exported"]:
+        return "speedup_p50 needs the teacher benchmarked (set export.teacher: true)"
+    if g.metric in LATENCY and g.batch_size not in batch_sizes:
+        return f"batch size {g.batch_size} is not benchmarked; benchmark.batch_sizes is {list(batch_sizes)}"
+    if g.metric in LATENCY and g.threads is not None and g.threads not in threads:
+        return f"{g.threads} threads are not benchmarked; benchmark.intra_op_threads is {list(threads)}"
+    return None
+
+
+def check_models(cfg: LoadedConfig, stale: set[str]) -> None:
+    """Build the untrained teacher and every student the run trains, cut them where the config says (a shape
+    trace on a zero batch), check the method against the teacher's source, and, when the features stage runs,
+    that its feature file fits on the disk. The global RNG is left as it was: the stages seed from it."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        _check_models(cfg, stale)
+
+
+def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
+    import torch
+
+    from kdpipe.ml.split import split_model
+    from kdpipe.ml.zoo import UnknownNameError, create_model
+    from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
+
+    conf = cfg.config
+    distill = conf.distill
+    methods = {m: DISTILLERS.get(m)() for m in dict.fromkeys([distill.method, *distill.compare])}
+    wants_features = [d for d in methods.values() if "features" in d.signals]
+    torchscript = conf.teacher.source == "torchscript"
+    if "distill" in stale and wants_features and torchscript:
+        d = wants_features[0]
+        raise ConfigError(
+            "teacher.source",
+            f"{d.title} {d.why_features}, which cannot be cut out of a TorchScript file; use source: checkpoint "
+            "(or torchvision) with the architecture (methods kd and scratch work with a TorchScript teacher)",
+            cfg.source,
+        )
+    shape = data_shape(cfg)
+    names = [] if torchscript else [("teacher.arch", conf.teacher.arch or "")]
+    if "distill" in stale:
+        names.append(("distill.student", distill.student))
+    built = {}
+    classes, channels = (shape.classes, shape.channels) if shape else (2, 1)
+    for key, name in names:
+        try:
+            built[key] = create_model(name, num_classes=classes, in_channels=channels)
+        except UnknownNameError as exc:
+            raise ConfigError(key, str(exc), cfg.source) from None
+    if shape is None or torchscript:
+        return  # the feature map's shape depends on data only the stages read
+    example = torch.zeros(2, shape.channels, shape.height, shape.width)
+    split = None
+    if wants_features or conf.teacher.feature_node or conf.features.enabled:
+        split = _cut(
+            split_model, built["teacher.arch"], example, conf.teacher.feature_node, "teacher.feature_node", cfg
+        )
+    if "features" in stale and conf.features.enabled and split is not None and shape.train_images:
+        images = _training_images(cfg, shape.train_images)
+        itemsize = 2 if conf.features.precision == "fp16" else 4
+        per_image = conf.features.views * (int(torch.Size(split.feature_shape).numel()) * itemsize + 4 * shape.classes)
+        ensure_space(cfg.cache_dir / "features", images * per_image)
+    if "distill" in stale:
+        input_shape = (shape.channels, shape.height, shape.width)
+        info = DataInfo(shape.classes, input_shape, [str(i) for i in range(shape.classes)])
+        parts = TeacherParts(conf.teacher.arch, split)
+        for method, distiller in methods.items():
+            try:
+                distiller.build(parts, distill.student, info, distill)
+            except UsageError as exc:
+                key, _, msg = str(exc).partition(": ")
+                if key == "distill.student" and distill.student_feature_node and "is not a node" in msg:
+                    key = "distill.student_feature_node"
+                if key.startswith(("distill.", "teacher.")):
+                    raise ConfigError(key, msg, cfg.source) from None
+                raise ConfigError("distill.method", f"{method}: {exc}", cfg.source) from None
+            except Exception as exc:  # e.g. a student whose feature map cannot be paired with the teacher's
+                why = (str(exc).strip().splitlines() or [""])[0]
+                raise ConfigError(
+                    "distill.student",
+                    f"{method} cannot pair '{distill.student}' with teacher '{conf.teacher.arch}': "
+                    f"{type(exc).__name__}: {why}",
+                    cfg.source,
+                ) from None
+
+
+def _cut(split_model: Any, model: Any, example: Any, node: str | None, key: str, cfg: LoadedConfig) -> Any:
+    try:
+        return split_model(model, example, node, what=key)
+    except UsageError as exc:
+        message = str(exc).removeprefix(f"{key}: ")
+        raise ConfigError(key, message, cfg.source) from None
+
+
+def _training_images(cfg: LoadedConfig, total: int) -> int:
+    data = cfg.config.data
+    n = total - max(1, round(total * data.val_fraction))
+    return min(n, data.train_subset) if data.train_subset else n

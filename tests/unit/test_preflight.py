@@ -1,0 +1,122 @@
+"""Check before work: problems a stage would meet after hours are found before the first stage runs.
+
+Builds untrained tiny models on a zero batch (shape tracing only); no training, no data read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from kdpipe import preflight as pf
+from kdpipe.config import load_config
+from kdpipe.diskspace import DiskFullError
+from kdpipe.errors import ConfigError
+from kdpipe.reporting.gates import parse_gate
+from tests.conftest import TINY, deep_merge
+
+ALL = {"teacher", "features", "distill", "validate", "export", "benchmark"}
+
+
+def cfg_of(tmp_path, extra=None):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(TINY, extra or {})))
+    return load_config(path)
+
+
+def problem(tmp_path, extra=None, stale=ALL, gates=(), **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        pf.preflight(cfg_of(tmp_path, extra), stale, [parse_gate(g) for g in gates], **kw)
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 2
+    assert message.endswith("(pipeline.yaml)"), message
+    return message
+
+
+def test_a_good_config_passes(tmp_path):
+    pf.preflight(cfg_of(tmp_path, {"distill": {"compare": ["kd", "fitnet", "scratch"]}}), ALL)
+
+
+def gate(**kw):
+    return {"gates": [{"metric": "top1", "model": "student", "min": 0.1, **kw}]}
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"benchmark": {"providers": ["NoSuchExecutionProvider"]}}, "benchmark.providers: 'NoSuchExecutionProvider'"),
+        (gate(model="studnet"), "gates: gate 'studnet.top1 >= 0.1': the run will have no model 'studnet'"),
+        (gate(model="student-fp16"), "no model 'student-fp16'; models: student, teacher"),
+        (gate(metric="p90_ms", batch_size=8, min=None, max=5), "batch size 8 is not benchmarked"),
+        (gate(metric="p90_ms", batch_size=1, threads=4, min=None, max=5), "4 threads are not benchmarked"),
+        (gate(metric="agreement_with_teacher", model="teacher"), "measured for the student only"),
+        (
+            {**gate(metric="speedup_p50", batch_size=1), "export": {"teacher": False}},
+            "speedup_p50 needs the teacher benchmarked",
+        ),
+        ({**gate(metric="file_bytes", model="teacher", min=None, max=1), "export": {"teacher": False}}, "not exported"),
+        ({"teacher": {"feature_node": "nope"}}, "teacher.feature_node: 'nope' is not a node"),
+        ({"distill": {"student_feature_node": "nope"}}, "distill.student_feature_node: 'nope' is not a node"),
+        ({"distill": {"student": "resnet9000"}}, "distill.student: "),
+        ({"teacher": {"arch": "resnet9000"}}, "teacher.arch: "),
+        (
+            {"teacher": {"source": "torchscript", "path": "t.ts"}, "distill": {"method": "simkd"}},
+            "teacher.source: SimKD reuses the teacher's classifier, which cannot be cut out of a TorchScript",
+        ),
+        (
+            {"teacher": {"source": "torchscript", "path": "t.ts"}, "distill": {"method": "kd", "compare": ["fitnet"]}},
+            "teacher.source: ",
+        ),
+    ],
+)
+def test_found_before_any_stage_runs(tmp_path, extra, expected):
+    assert expected in problem(tmp_path, extra)
+
+
+def test_command_line_gates_and_baseline_models(tmp_path):
+    assert "no model 'techer'" in problem(tmp_path, gates=["techer.top1 >= 0.5"])
+    assert "baseline.models" in problem(tmp_path, {"baseline": {"models": ["student-int8"]}}, baseline=True)
+    pf.preflight(
+        cfg_of(tmp_path, {"export": {"variants": ["int8_static"]}}),
+        ALL,
+        [parse_gate("student-int8_static.top1 >= 0.1")],
+    )
+
+
+def test_torchscript_teacher_with_kd_passes(tmp_path):
+    pf.preflight(
+        cfg_of(tmp_path, {"teacher": {"source": "torchscript", "path": "t.ts"}, "distill": {"method": "kd"}}), ALL
+    )
+
+
+def test_cached_stages_and_unfinished_runs_are_not_checked(tmp_path):
+    bad = {"benchmark": {"providers": ["NoSuchExecutionProvider"]}, **gate(model="nobody")}
+    pf.preflight(cfg_of(tmp_path, bad), {"teacher"}, complete=False)
+
+
+def test_variant_whose_converter_is_missing(tmp_path, monkeypatch):
+    real = pf.importlib.util.find_spec
+    monkeypatch.setattr(pf.importlib.util, "find_spec", lambda m: None if m == "onnxruntime.quantization" else real(m))
+    assert "export.variants: 'int8_static' needs onnxruntime.quantization" in problem(
+        tmp_path, {"export": {"variants": ["fp16", "int8_static"]}}
+    )
+
+
+def test_features_that_will_not_fit_on_the_disk(tmp_path, monkeypatch):
+    import kdpipe.diskspace as ds
+
+    monkeypatch.setattr(ds, "free_bytes", lambda path: 10_000)
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*features \(needs ~.*, free 9.8 KiB\)"):
+        pf.preflight(cfg_of(tmp_path, {"features": {"enabled": True}}), ALL)
+
+
+def test_checks_leave_the_random_state_alone(tmp_path):
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    pf.preflight(cfg_of(tmp_path), ALL)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_folders_that_cannot_be_written(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert "output_dir: " in problem(tmp_path, {"output_dir": "f"}, stale=set())
