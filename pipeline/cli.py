@@ -178,22 +178,44 @@ def report(config_path: str, fmt: str, output: str | None, report_path: str | No
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Gate this report (default: last run).")
 @gate_option
 @baseline_option
+@click.option("--write", is_flag=True, help="Save the verdicts into the gated report.json (and report.md beside it).")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Also write the verdicts as JUnit XML.")
+@click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Also write the gated report as Markdown.")
 def gate(
-    config_path: str, overrides: tuple[str, ...], report_path: str | None, gates: tuple[str, ...], baseline: str | None
+    config_path: str,
+    overrides: tuple[str, ...],
+    report_path: str | None,
+    gates: tuple[str, ...],
+    baseline: str | None,
+    write: bool,
+    junit_path: str | None,
+    md_path: str | None,
 ) -> None:
-    """Evaluate the gates on the last run (or --report FILE): exit 0 all pass, 1 any fails, 2 bad input."""
-    from kdpipe.errors import GateFailure
-    from kdpipe.reporting.gates import format_table, parse_gate, recommend, run_gates
-    from kdpipe.reporting.report import load_report, write_reports
+    """Evaluate the gates on the last run (or --report FILE): exit 0 all pass, 1 any fails, 2 bad input.
 
-    cfg = _load(config_path, overrides)
+    Reads only: the report is rewritten with the verdicts only with --write. --junit and --md files are
+    written whatever the verdict (CI reads them on failure), and nothing is written on bad input.
+    """
+    from kdpipe.errors import GateFailure
+    from kdpipe.fileio import atomic_write_json, atomic_write_text
+    from kdpipe.reporting.gates import format_table, parse_gate, recommend, run_gates
+    from kdpipe.reporting.junit import render_junit
+    from kdpipe.reporting.report import load_report, render_markdown, write_reports
+
+    cfg = _load(config_path, overrides, ("output_dir",) if write and report_path is None else ())
     data = load_report(cfg, report_path)
     old = load_report(cfg, baseline) if baseline else None
     data["gates"] = run_gates(data, list(cfg.config.gates), gates, old, cfg.config.baseline)
     data["deployment"] = recommend(data, [*cfg.config.gates, *(parse_gate(g) for g in gates)])
     click.echo(format_table(data["gates"]))
-    if report_path is None:
+    if junit_path:
+        atomic_write_text(Path(junit_path), render_junit(data))
+    if md_path:
+        atomic_write_text(Path(md_path), render_markdown(data))
+    if write and report_path is None:
         write_reports(cfg.output_dir, data)
+    elif write:
+        atomic_write_json(Path(report_path), data)
     failed = [g["name"] for g in data["gates"] if not g["passed"]]
     if failed:
         raise GateFailure(f"{len(failed)} gate{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")

@@ -34,7 +34,9 @@ def _number(value: Any) -> str:
     """A figure as people read it: no float noise, but no digits lost on byte counts either."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
-    return format(value, ".10g")
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
+        return str(int(value))  # byte and parameter counts keep every digit
+    return format(value, ".6g")  # 0.8966, not the float32 noise of 0.896600008
 
 
 def _timestamp(created: Any) -> str:

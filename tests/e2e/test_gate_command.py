@@ -1,0 +1,85 @@
+"""`kdpipe gate` on an existing report: reads only unless --write; --junit and --md files; figures without noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe.cli import main
+from tests.conftest import TINY
+
+TOP1 = float.fromhex("0x1.cb0f280000000p-1")  # 0.8966000080108643: a float32 accuracy widened to float64
+
+
+def report() -> dict:
+    model = {"arch": "tiny_cnn", "parameters": 1234, "accuracy": {"samples": 64, "top1": TOP1, "top5": 1.0}}
+    return {"schema_version": 1, "created": "2026-11-25T10:00:00Z", "models": {"student": model}, "gates": []}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "kdpipe-out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps(report(), indent=2))
+    (out / "report.md").write_text("# the run's own summary\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def files(project: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((project / "kdpipe-out").iterdir())}
+
+
+def test_gate_reads_only(project, capsys):
+    before = files(project)
+    assert main(["gate", "--gate", "student.top1 >= 0.95"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED student.top1 >= 0.95: measured 0.8966 misses >= 0.95" in out
+    assert "0.896600008" not in out
+    assert main(["gate", "--gate", "student.top1 >= 0.5"]) == 0
+    assert files(project) == before  # neither report.json nor report.md rewritten
+
+
+def test_write_saves_the_verdicts(project):
+    assert main(["gate", "--gate", "student.top1 >= 0.5", "--write"]) == 0
+    saved = json.loads((project / "kdpipe-out" / "report.json").read_text())
+    assert [g["name"] for g in saved["gates"]] == ["student.top1 >= 0.5"] and saved["gates"][0]["passed"]
+    assert "gates passed" in (project / "kdpipe-out" / "report.md").read_text()
+
+
+def test_write_into_a_given_report(project):
+    other = project / "elsewhere.json"
+    other.write_text(json.dumps(report()))
+    assert main(["gate", "--report", str(other), "--gate", "student.top1 >= 0.99", "--write"]) == 1
+    assert json.loads(other.read_text())["gates"][0]["passed"] is False
+
+
+def test_junit_and_markdown_files_even_when_a_gate_fails(project, capsys):
+    before = files(project)
+    code = main(["gate", "--gate", "student.top1 >= 0.95", "--junit", "ci/gates.xml", "--md", "ci/gates.md"])
+    assert code == 1
+    xml = (project / "ci" / "gates.xml").read_text()
+    assert 'failures="1"' in xml and "measured 0.8966 vs threshold &gt;= 0.95" in xml and "0.896600008" not in xml
+    assert "1 of 1 gates failed" in (project / "ci" / "gates.md").read_text()
+    assert files(project) == before
+
+
+def test_junit_validates_against_the_schema(project):
+    xmlschema = pytest.importorskip("xmlschema")
+    assert main(["gate", "--gate", "student.top1 >= 0.5", "--junit", "g.xml"]) == 0
+    schema = xmlschema.XMLSchema(str(Path(__file__).parents[1] / "fixtures" / "junit.xsd"))
+    schema.validate(str(project / "g.xml"))
+
+
+@pytest.mark.parametrize("gate", ["student.nope >= 1", "teacher.top1 >= 0.5", "student.p90_ms@1 <= 2"])
+def test_bad_input_writes_nothing(project, capsys, gate):
+    before = files(project)
+    code = main(["gate", "--gate", gate, "--junit", "g.xml", "--md", "g.md", "--write"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert not (project / "g.xml").exists() and not (project / "g.md").exists()
+    assert files(project) == before
