@@ -78,10 +78,10 @@ def test_fingerprint_memo_rehashes_only_changed_files(tmp_path, monkeypatch):
     first = memo.file(f)
     memo.save()
     calls = []
-    import kdpipe.fileio as cache_mod
+    import kdpipe.fileio as fileio_mod
 
-    real = cache_mod.sha256_file
-    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = fileio_mod.sha256_file
+    monkeypatch.setattr(fileio_mod, "sha256_file", lambda p: calls.append(p) or real(p))
     again = FileDigests(tmp_path / "fp.json")
     assert again.file(f) == first and calls == []
     f.write_bytes(b"two!")
