@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,29 +102,11 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fit(
-    *,
-    model: nn.Module,
-    trainable: nn.Module,
-    loss_fn: Callable[[Batch], torch.Tensor],
-    splits: Splits,
-    conf: TrainConfig,
-    augment: Augment,
-    work_dir: Path,
-    device: torch.device,
-    desc: str,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    eval_batch_size: int = 512,
-    channels_last: bool = False,
-    views: ViewTable | None = None,
-    amp: bool = False,
-    compile: bool = False,
-    nproc: int = 1,
-) -> dict[str, Any]:
-    """Train ``trainable``'s parameters to minimise ``loss_fn``; select ``model``'s epoch by val top-1.
+@dataclass
+class FitJob:
+    """One training run: what is trained, on what, how, and where its checkpoints go.
 
-    Args:
+    Attributes:
         model: what is evaluated on the val split each epoch (and whose best weights are kept).
         trainable: the module whose parameters are optimised (and put in train mode); part of ``model``
             or equal to it.
@@ -133,140 +116,196 @@ def fit(
         views: precomputed augmentation views (with cached teacher features): batches replay one of them.
         amp: autocast ``loss_fn`` (bf16 on CPU; fp16 with a gradient scaler on CUDA).
         compile: ``torch.compile`` the model in place (state_dict keys unchanged).
+    """
+
+    model: nn.Module
+    trainable: nn.Module
+    loss_fn: Callable[[Batch], torch.Tensor]
+    splits: Splits
+    conf: TrainConfig
+    augment: Augment
+    work_dir: Path
+    device: torch.device
+    desc: str
+    progress: bool = True
+    log: Callable[[str], None] = print
+    eval_batch_size: int = 512
+    channels_last: bool = False
+    views: ViewTable | None = None
+    amp: bool = False
+    compile: bool = False
+
+
+def fit(*, nproc: int = 1, **job: Any) -> dict[str, Any]:
+    """Train ``trainable``'s parameters to minimise ``loss_fn``; select ``model``'s epoch by val top-1.
+
+    Args:
         nproc: data-parallel processes (gloo). Each takes ``conf.batch_size`` images of every global batch of
             ``nproc * conf.batch_size``; gradients are averaged and the learning rate is scaled by ``nproc``
             (linear scaling rule). Only this process (rank 0) evaluates, checkpoints and returns.
+        **job: the fields of :class:`FitJob`.
 
     Returns:
         ``{"best_state", "best_val_top1", "best_epoch", "history", "images_per_second"}``; the model is
         left holding the best weights.
     """
-    from tqdm import tqdm
-
-    from kdpipe.ml.distributed import average_buffers, average_gradients, run_data_parallel, world
-
+    spec = FitJob(**job)
     if nproc > 1:
-        return run_data_parallel(
-            nproc,
-            work_dir,
-            lambda: fit(
-                model=model, trainable=trainable, loss_fn=loss_fn, splits=splits, conf=conf, augment=augment,
-                work_dir=work_dir, device=device, desc=desc, progress=progress, log=log,
-                eval_batch_size=eval_batch_size, channels_last=channels_last, views=views, amp=amp, compile=compile,
-            ),
+        from kdpipe.ml.distributed import run_data_parallel
+
+        return run_data_parallel(nproc, spec.work_dir, lambda: _Loop(spec).run())
+    return _Loop(spec).run()
+
+
+class _Loop:
+    """The epoch loop of one process: resume, train an epoch, evaluate and checkpoint, return the best."""
+
+    def __init__(self, job: FitJob) -> None:
+        from kdpipe.ml.distributed import world
+
+        self.job = job
+        self.rank, self.size = world()
+        conf = job.conf
+        self.steps = steps_per_epoch(job.splits, conf.batch_size * self.size)
+        self.optimizer = make_optimizer(job.trainable.parameters(), conf)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.size
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(conf, self.steps))
+        self.scaler = torch.amp.GradScaler(job.device.type, enabled=job.amp and job.device.type == "cuda")
+        self.amp_dtype = torch.float16 if job.device.type == "cuda" else torch.bfloat16
+        self.fmt = torch.channels_last if job.channels_last else torch.contiguous_format
+        self.state: dict[str, Any] = {
+            "epoch": 0, "history": [], "best_val_top1": -1.0, "best_epoch": 0, "best_state": None,
+        }  # fmt: skip
+        job.work_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = job.work_dir / CHECKPOINT
+        self.seen, self.busy = 0, 0.0
+
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        job, conf = self.job, self.job.conf
+        self.resume()
+        job.model.to(job.device)
+        job.model.to(memory_format=self.fmt)
+        if job.compile:
+            job.model.compile()
+        # disable=None: tqdm draws only on a terminal, so CI logs get the per-epoch lines, not bar redraws
+        self.bar = tqdm(
+            total=conf.epochs * self.steps, initial=self.state["epoch"] * self.steps, desc=job.desc, unit="step",
+            disable=None if job.progress and self.rank == 0 else True, dynamic_ncols=True, leave=False,
         )  # fmt: skip
-    rank, size = world()
-    steps = steps_per_epoch(splits, conf.batch_size * size)
-    optimizer = make_optimizer(trainable.parameters(), conf)
-    for group in optimizer.param_groups:
-        group["lr"] *= size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(conf, steps))
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_top1": -1.0, "best_epoch": 0, "best_state": None}
-    work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = work_dir / CHECKPOINT
-    scaler_state = None
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler_state = saved.get("scaler")
-        torch.set_rng_state(saved["rng"])
-        state = saved["state"]
-        log(f"{desc}: resuming after epoch {state['epoch']}/{conf.epochs} from {ckpt}")
-    model.to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
-    if compile:
-        model.compile()
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    if scaler_state:
-        scaler.load_state_dict(scaler_state)
-    # disable=None: tqdm draws only on a terminal, so CI logs get the per-epoch lines, not bar redraws
-    bar = tqdm(
-        total=conf.epochs * steps, initial=state["epoch"] * steps, desc=desc, unit="step",
-        disable=None if progress and rank == 0 else True, dynamic_ncols=True, leave=False,
-    )  # fmt: skip
-    seen, busy = 0, 0.0
-    try:
-        for epoch in range(state["epoch"], conf.epochs):
-            trainable.train()
-            t0, total_loss, n = time.perf_counter(), 0.0, 0
-            for batch in train_batches(splits, conf.batch_size * size, conf.seed, epoch, augment, views):
-                if size > 1:
-                    if len(batch.y) < 2 * size:  # every shard needs 2 images for BatchNorm; same on all ranks
-                        continue
-                    batch = batch.shard(rank, size)
-                batch = batch.to(device, fmt)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    loss = loss_fn(batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if size > 1:
-                    average_gradients(trainable, size)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                total_loss += loss.item() * len(batch.y)
-                n += len(batch.y)
-                bar.update(1)
-                elapsed = busy + time.perf_counter() - t0
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{(seen + n) / elapsed:.0f}")
-            train_seconds = time.perf_counter() - t0
-            n *= size  # images of all ranks
-            busy += train_seconds
-            seen += n
-            if size > 1:
-                average_buffers(model, size)
-                if rank != 0:  # rank 0 evaluates, selects and checkpoints
-                    state["epoch"] = epoch + 1
+        try:
+            for epoch in range(self.state["epoch"], conf.epochs):
+                loss, n, seconds = self.train_epoch(epoch)
+                if self.rank != 0:  # rank 0 evaluates, selects and checkpoints
+                    self.state["epoch"] = epoch + 1
                     continue
-            logits = predict(model, splits.val_x, splits.data.mean, splits.data.std, eval_batch_size, device)
-            val_top1 = accuracy(logits, splits.val_y)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": total_loss / max(1, n),
-                "val_top1": val_top1,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": train_seconds,
-                "images_per_second": n / train_seconds if train_seconds else 0.0,
-            }
-            state["history"].append(record)
-            if val_top1 > state["best_val_top1"]:
-                state.update(best_val_top1=val_top1, best_epoch=epoch + 1, best_state=_cpu_state(model))
-            state["epoch"] = epoch + 1
-            _save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "scaler": scaler.state_dict(),
-                    "state": state,
-                },
-                ckpt,
-            )
-            line = (
-                f"{desc} epoch {epoch + 1}/{conf.epochs}: loss {record['train_loss']:.4f}, val top-1 {val_top1:.4f}, "
-                f"{record['images_per_second']:.0f} img/s"
-            )
-            bar.write(line) if progress else log(line)
-    finally:
-        bar.close()
-    if rank != 0:
-        return {}
-    model.load_state_dict(state["best_state"])
-    model.to(memory_format=torch.contiguous_format)
-    done = state["history"]
-    ips = sum(h["images_per_second"] * h["seconds"] for h in done) / max(1e-9, sum(h["seconds"] for h in done))
-    return {
-        "best_state": state["best_state"],
-        "best_val_top1": state["best_val_top1"],
-        "best_epoch": state["best_epoch"],
-        "history": done,
-        "images_per_second": ips,
-    }
+                self.end_epoch(epoch, loss, n, seconds)
+        finally:
+            self.bar.close()
+        return self.result() if self.rank == 0 else {}
+
+    def resume(self) -> None:
+        """Continue from the last completed epoch's checkpoint, if a killed run left one."""
+        if not self.ckpt.is_file():
+            return
+        job = self.job
+        saved = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        job.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        self.state = saved["state"]
+        job.log(f"{job.desc}: resuming after epoch {self.state['epoch']}/{job.conf.epochs} from {self.ckpt}")
+
+    def train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over the training batches; returns (mean loss, images of all ranks, seconds)."""
+        from kdpipe.ml.distributed import average_buffers, average_gradients
+
+        job, conf, rank, size = self.job, self.job.conf, self.rank, self.size
+        job.trainable.train()
+        t0, total_loss, n = time.perf_counter(), 0.0, 0
+        for batch in train_batches(job.splits, conf.batch_size * size, conf.seed, epoch, job.augment, job.views):
+            if size > 1:
+                if len(batch.y) < 2 * size:  # every shard needs 2 images for BatchNorm; same on all ranks
+                    continue
+                batch = batch.shard(rank, size)
+            batch = batch.to(job.device, self.fmt)
+            with torch.autocast(job.device.type, dtype=self.amp_dtype, enabled=job.amp):
+                loss = job.loss_fn(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if size > 1:
+                average_gradients(job.trainable, size)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total_loss += loss.item() * len(batch.y)
+            n += len(batch.y)
+            self.bar.update(1)
+            elapsed = self.busy + time.perf_counter() - t0
+            self.bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{(self.seen + n) / elapsed:.0f}")
+        seconds = time.perf_counter() - t0
+        mean_loss = total_loss / max(1, n)
+        n *= size  # images of all ranks
+        self.busy += seconds
+        self.seen += n
+        if size > 1:
+            average_buffers(job.model, size)
+        return mean_loss, n, seconds
+
+    def end_epoch(self, epoch: int, loss: float, n: int, seconds: float) -> None:
+        """Evaluate on the val split, keep the best weights, checkpoint, and say how the epoch went."""
+        job, state = self.job, self.state
+        splits = job.splits
+        logits = predict(job.model, splits.val_x, splits.data.mean, splits.data.std, job.eval_batch_size, job.device)
+        val_top1 = accuracy(logits, splits.val_y)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss,
+            "val_top1": val_top1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "images_per_second": n / seconds if seconds else 0.0,
+        }
+        state["history"].append(record)
+        if val_top1 > state["best_val_top1"]:
+            state.update(best_val_top1=val_top1, best_epoch=epoch + 1, best_state=_cpu_state(job.model))
+        state["epoch"] = epoch + 1
+        _save_atomic(
+            {
+                "model": job.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "scaler": self.scaler.state_dict(),
+                "state": state,
+            },
+            self.ckpt,
+        )
+        line = (
+            f"{job.desc} epoch {epoch + 1}/{job.conf.epochs}: loss {loss:.4f}, val top-1 {val_top1:.4f}, "
+            f"{record['images_per_second']:.0f} img/s"
+        )
+        self.bar.write(line) if job.progress else job.log(line)
+
+    def result(self) -> dict[str, Any]:
+        job, state = self.job, self.state
+        job.model.load_state_dict(state["best_state"])
+        job.model.to(memory_format=torch.contiguous_format)
+        done = state["history"]
+        seconds = sum(h["seconds"] for h in done)
+        ips = sum(h["images_per_second"] * h["seconds"] for h in done) / max(1e-9, seconds)
+        return {
+            "best_state": state["best_state"],
+            "best_val_top1": state["best_val_top1"],
+            "best_epoch": state["best_epoch"],
+            "history": done,
+            "images_per_second": ips,
+        }
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
