@@ -14,13 +14,15 @@ removed and rebuilt, never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,17 @@ def key_payload(
     }
 
 
+@dataclass
+class Building:
+    """An entry being built (see :meth:`Cache.building`): the stage writes under ``dir``; ``work_dir`` survives a
+    killed run; ``extra`` goes into the manifest; ``entry`` is the committed folder once the block exits."""
+
+    dir: Path
+    work_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    entry: Path | None = None
+
+
 class Cache:
     """The cache root. Stages never touch it: the runner does."""
 
@@ -105,6 +118,24 @@ class Cache:
         """Cheap presence check for `kdpipe status` (a manifest that parses and names this key)."""
         manifest, problem = _read_manifest(self.entry(stage, key))
         return problem is None and manifest_problem(manifest, stage, key) is None
+
+    @contextlib.contextmanager
+    def building(self, stage: str, key: str, payload: dict[str, Any], replace: bool = False) -> Iterator[Building]:
+        """Build an entry: stage it in a fresh folder, commit it if the block completes, abandon it if it raises.
+
+        A killed process leaves only a ``.tmp-`` folder, swept by the next build of the same key; the work dir
+        (epoch checkpoints) is kept until the entry is committed, so the next run resumes.
+        """
+        staging = self.staging_dir(stage, key)
+        work = self.work_dir(stage, key)
+        work.mkdir(parents=True, exist_ok=True)
+        build = Building(dir=staging, work_dir=work)
+        try:
+            yield build
+        except BaseException:
+            self.abandon(staging)
+            raise
+        build.entry = self.commit(stage, key, staging, payload, build.extra, replace=replace)
 
     def staging_dir(self, stage: str, key: str) -> Path:
         """A fresh folder to build an entry in; leftovers of killed runs of this key are swept."""

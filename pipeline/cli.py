@@ -196,17 +196,16 @@ def gate(
     Reads only: the report is rewritten with the verdicts only with --write. --junit and --md files are
     written whatever the verdict (CI reads them on failure), and nothing is written on bad input.
     """
-    from kdpipe.errors import GateFailure
     from kdpipe.fileio import atomic_write_json, atomic_write_text
-    from kdpipe.reporting.gates import format_table, parse_gate, recommend, run_gates
+    from kdpipe.reporting.gates import format_table
     from kdpipe.reporting.junit import render_junit
+    from kdpipe.reporting.outcome import judge, raise_on_failure
     from kdpipe.reporting.report import load_report, render_markdown, write_reports
 
     cfg = _load(config_path, overrides, ("output_dir",) if write and report_path is None else ())
     data = load_report(cfg, report_path)
     old = load_report(cfg, baseline) if baseline else None
-    data["gates"] = run_gates(data, list(cfg.config.gates), gates, old, cfg.config.baseline)
-    data["deployment"] = recommend(data, [*cfg.config.gates, *(parse_gate(g) for g in gates)])
+    judge(data, cfg, gates, old)
     click.echo(format_table(data["gates"]))
     if junit_path:
         atomic_write_text(Path(junit_path), render_junit(data))
@@ -216,9 +215,7 @@ def gate(
         write_reports(cfg.output_dir, data)
     elif write:
         atomic_write_json(Path(report_path), data)
-    failed = [g["name"] for g in data["gates"] if not g["passed"]]
-    if failed:
-        raise GateFailure(f"{len(failed)} gate{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
+    raise_on_failure(data)
 
 
 @cli.command()

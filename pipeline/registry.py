@@ -27,10 +27,12 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator registering an object under ``name`` (default: its ``__name__``)."""
+        """Decorator registering an object under ``name``: by default a class's ``name`` attribute (stages,
+        distillers, variants declare it once), else the object's ``__name__`` (model constructors)."""
 
         def deco(obj: T) -> T:
-            key = name or getattr(obj, "__name__", None)
+            declared = getattr(obj, "name", None) if isinstance(obj, type) else None
+            key = name or (declared if isinstance(declared, str) else None) or getattr(obj, "__name__", None)
             if not key:
                 raise ValueError(f"cannot infer a {self.kind} name for {obj!r}; pass name=")
             if key in self._entries:

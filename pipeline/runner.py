@@ -1,4 +1,5 @@
-"""The runner: plans cache keys, runs stale stages in order, commits their outputs, records the run.
+"""The runner: plan (cache keys, hit or miss, why) → execute (stale stages, each built into its cache entry) →
+record (last_run.json), then the reports and gates (:mod:`kdpipe.reporting.outcome`).
 
 Planning (keys, hit or miss, why) needs no torch, so ``kdpipe status`` and an all-cached re-run are fast.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.cache import Cache, cache_key, key_payload, library_versions
-from kdpipe.config import LoadedConfig, launched_world_size, load_config
-from kdpipe.errors import ConfigError, GateFailure, KdpipeError, StageError, UsageError
-from kdpipe.fileio import FileDigests
+from kdpipe.config import LoadedConfig, load_config
+from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError
+from kdpipe.fileio import FileDigests, atomic_write_json
 from kdpipe.ml.sources import dataset_fingerprint
 from kdpipe.stages import ORDER
 from kdpipe.stages.base import METRICS, STAGES, StageContext
@@ -107,45 +107,6 @@ def read_last_run(cfg: LoadedConfig) -> dict[str, Any] | None:
         return None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
-
-
-def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
-    """Before the first stage runs: set torch threads, and check model names so that a typo in
-    ``distill.student`` fails now rather than after the teacher has trained."""
-    import torch
-
-    from kdpipe.ml.training import pick_device
-    from kdpipe.ml.zoo import create_model
-    from kdpipe.registry import UnknownNameError
-
-    if cfg.config.runtime.threads:
-        torch.set_num_threads(cfg.config.runtime.threads)
-    if cfg.config.runtime.nproc > 1 and pick_device(cfg.config.runtime.device).type == "cuda":
-        raise ConfigError(
-            "runtime.nproc",
-            "forks CPU workers, which CUDA does not allow; on GPUs start one process per GPU with torchrun: "
-            "torchrun --standalone --nproc_per_node N -m kdpipe.cli run -c CONFIG (or set runtime.device: cpu)",
-            cfg.source,
-        )
-    to_run = {s.stage for s in steps}
-    conf = cfg.config
-    names = []
-    if "teacher" in to_run and conf.teacher.source != "torchscript":
-        names.append(("teacher.arch", conf.teacher.arch or ""))
-    if "distill" in to_run:
-        names.append(("distill.student", conf.distill.student))
-    for key, name in names:
-        try:
-            create_model(name, num_classes=2, in_channels=1)
-        except UnknownNameError as exc:
-            raise ConfigError(key, str(exc), cfg.source) from None
-
-
 def run_pipeline(
     config: str | Path | LoadedConfig | None = "pipeline.yaml",
     force: Iterable[str] = (),
@@ -155,7 +116,7 @@ def run_pipeline(
     gates: Iterable[str] = (),
     baseline: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every stale stage (up to ``until``), then write and return the report.
+    """Run every stale stage (up to ``until``), then write and return the report: plan → execute → record.
 
     Args:
         config: a config file, an already loaded config, or None for the defaults.
@@ -170,10 +131,13 @@ def run_pipeline(
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
         report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
+    from kdpipe.ml.distributed import launched_role
     from kdpipe.reporting.gates import parse_gate
+    from kdpipe.reporting.outcome import conclude
     from kdpipe.reporting.report import load_report
 
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
+    force = list(force)
     for name in [*force, *([until] if until else [])]:
         if name not in ORDER:
             raise UsageError(f"unknown stage '{name}'; stages: {', '.join(ORDER)}")
@@ -182,32 +146,127 @@ def run_pipeline(
         parse_gate(expression)
     old_report = load_report(cfg, baseline) if baseline else None
     progress = cfg.config.runtime.progress if progress is None else progress
-    group = _join_group(cfg) if launched_world_size() > 1 else None
-    try:
-        if group == "follower":
+    with launched_role(cfg) as role:
+        if role == "follower":
             _follow(cfg)
             return {}
-        return _lead(cfg, force, until, progress, echo, gates, old_report, announce=group == "leader")
-    finally:
-        if group:
-            from kdpipe.ml.distributed import leave
+        started = time.time()
+        steps = plan(cfg, read_last_run(cfg))
+        if until:
+            steps = steps[: ORDER.index(until) + 1]
+        execute(cfg, steps, force, progress, echo, announce=role == "leader")
+        record = record_run(cfg, steps, started)
+    stopped_after = until if until and until != ORDER[-1] else None
+    return conclude(cfg, record, stopped_after, gates, old_report, echo)
 
-            leave()
+
+def execute(
+    cfg: LoadedConfig,
+    steps: list[Step],
+    force: list[str],
+    progress: bool,
+    echo: Callable[[str], None],
+    announce: bool = False,
+) -> None:
+    """Run the stale steps in order, each built into its cache entry. With ``announce`` (torchrun's rank 0), tell
+    the other ranks which stages run and wait for them after each."""
+    cache = Cache(cfg.cache_dir)
+    stale = [s for s in steps if s.stage in force or cache.lookup(s.stage, s.key) is None]
+    if announce:
+        from kdpipe.ml.distributed import broadcast_object
+
+        broadcast_object(stale)
+    if stale:
+        _prepare(cfg, stale)
+    memo: dict[str, Any] = {}
+    names = {s.stage for s in stale}
+    for step in steps:
+        if step.stage not in names:
+            echo(f"✓ {step.stage:<9} cached  {step.key[:12]}")
+            continue
+        why = "forced" if step.stage in force else (step.reason or "not in the cache")
+        echo(f"▶ {step.stage:<9} running {step.key[:12]} ({why})")
+        t0 = time.perf_counter()
+        with cache.building(step.stage, step.key, step.payload, replace=step.stage in force) as build:
+            ctx = _context(cfg, cache, step, build.dir, build.work_dir, echo, progress, memo)
+            atomic_write_json(build.dir / METRICS, _run_stage(step.stage, ctx))
+            step.seconds = time.perf_counter() - t0
+            build.extra["seconds"] = step.seconds
+        step.ran = True
+        echo(f"✓ {step.stage:<9} done    {step.key[:12]} in {step.seconds:.1f}s")
+        if announce:
+            from kdpipe.ml.distributed import barrier
+
+            barrier()
 
 
-def _join_group(cfg: LoadedConfig) -> str:
-    """Under torchrun: join the process group; rank 0 is the "leader", every other rank a "follower"."""
-    from kdpipe.ml.distributed import join_launched
-    from kdpipe.ml.training import pick_device
+def record_run(cfg: LoadedConfig, steps: list[Step], started: float) -> dict[str, Any]:
+    """Write ``last_run.json`` (what ran, what was cached, every key's payload) and return it."""
+    record = {
+        "config_file": str(cfg.path) if cfg.path else None,
+        "started": started,
+        "finished": time.time(),
+        "stages": {
+            s.stage: {"key": s.key, "cached": not s.ran, "seconds": s.seconds, "payload": s.payload} for s in steps
+        },
+    }
+    atomic_write_json(cfg.cache_dir / LAST_RUN, record)
+    return record
 
-    if cfg.config.runtime.nproc > 1:
+
+def _context(
+    cfg: LoadedConfig,
+    cache: Cache,
+    step: Step,
+    out_dir: Path,
+    work_dir: Path,
+    echo: Callable[[str], None],
+    progress: bool,
+    memo: dict[str, Any],
+) -> StageContext:
+    """The one place a StageContext is built (rank 0 and the other torchrun ranks alike)."""
+    return StageContext(
+        cfg=cfg,
+        stage=step.stage,
+        inputs={n: cache.entry(n, k) for n, k in step.inputs.items()},
+        out_dir=out_dir,
+        work_dir=work_dir,
+        log=echo,
+        progress=progress,
+        memo=memo,
+        key=step.key,
+    )
+
+
+def _run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
+    """Run one stage; an unexpected exception becomes a one-line :class:`StageError` naming the stage."""
+    try:
+        return STAGES.get(name)().run(ctx)
+    except KdpipeError:
+        raise
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise StageError(name, f"{type(exc).__name__}: {first_line}") from exc
+
+
+def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
+    """Before the first stage runs: set torch threads, refuse impossible runtime settings, and run every planned
+    stage's :meth:`~kdpipe.stages.base.Stage.check`, so a typo fails now rather than after the teacher trained."""
+    import torch
+
+    from kdpipe.ml.device import pick_device
+
+    if cfg.config.runtime.threads:
+        torch.set_num_threads(cfg.config.runtime.threads)
+    if cfg.config.runtime.nproc > 1 and pick_device(cfg.config.runtime.device).type == "cuda":
         raise ConfigError(
             "runtime.nproc",
-            f"forks its own workers; under torchrun the process count is its --nproc_per_node "
-            f"({launched_world_size()} here): drop --nproc / runtime.nproc",
+            "forks CPU workers, which CUDA does not allow; on GPUs start one process per GPU with torchrun: "
+            "torchrun --standalone --nproc_per_node N -m kdpipe.cli run -c CONFIG (or set runtime.device: cpu)",
             cfg.source,
         )
-    return "leader" if join_launched(pick_device(cfg.config.runtime.device)) == 0 else "follower"
+    for step in steps:
+        STAGES.get(step.stage)().check(cfg)
 
 
 def _follow(cfg: LoadedConfig) -> None:
@@ -222,119 +281,16 @@ def _follow(cfg: LoadedConfig) -> None:
     runs: list[Step] = broadcast_object(None)
     if runs:
         _prepare(cfg, runs)
-    shared: dict[str, Any] = {}
+    memo: dict[str, Any] = {}
     for step in runs:
-        stage = STAGES.get(step.stage)()
-        if stage.data_parallel(cfg):
+        if STAGES.get(step.stage)().data_parallel(cfg):
             with tempfile.TemporaryDirectory(prefix=f"kdpipe-{step.stage}-") as scratch:
-                ctx = StageContext(
-                    cfg=cfg,
-                    inputs={n: cache.entry(n, k) for n, k in step.inputs.items()},
-                    out_dir=Path(scratch),
-                    work_dir=cache.work_dir(step.stage, step.key),  # rank 0's checkpoints: resume as it does
-                    log=lambda _: None,
-                    progress=False,
-                    cache=shared,
-                    key=step.key,
+                # rank 0's work dir: its checkpoints, so this rank resumes as it does
+                work = cache.work_dir(step.stage, step.key)
+                STAGES.get(step.stage)().run(
+                    _context(cfg, cache, step, Path(scratch), work, lambda _: None, False, memo)
                 )
-                stage.run(ctx)
         barrier()
-
-
-def _lead(
-    cfg: LoadedConfig,
-    force: Iterable[str],
-    until: str | None,
-    progress: bool,
-    echo: Callable[[str], None],
-    gates: list[str],
-    old_report: dict[str, Any] | None,
-    announce: bool = False,
-) -> dict[str, Any]:
-    """Rank 0's (or the only process's) run: plan, run stale stages, commit, report, gate. With ``announce``
-    (under torchrun), tell the other ranks which stages run and wait for them after each."""
-    from kdpipe.reporting.gates import format_table, parse_gate, recommend, run_gates
-    from kdpipe.reporting.report import build_report, publish
-
-    previous = read_last_run(cfg)
-    steps = plan(cfg, previous)
-    if until:
-        steps = steps[: ORDER.index(until) + 1]
-    cache = Cache(cfg.cache_dir)
-    stale = [s for s in steps if s.stage in force or cache.lookup(s.stage, s.key) is None]
-    stale_names = {s.stage for s in stale}
-    if announce:
-        from kdpipe.ml.distributed import barrier, broadcast_object
-
-        broadcast_object(stale)
-    shared: dict[str, Any] = {}
-    started = time.time()
-    if stale:
-        _prepare(cfg, stale)
-    for step in steps:
-        if step.stage not in stale_names:
-            echo(f"✓ {step.stage:<9} cached  {step.key[:12]}")
-            continue
-        why = "forced" if step.stage in force else (step.reason or "not in the cache")
-        echo(f"▶ {step.stage:<9} running {step.key[:12]} ({why})")
-        stage = STAGES.get(step.stage)()
-        staging = cache.staging_dir(step.stage, step.key)
-        work = cache.work_dir(step.stage, step.key)
-        work.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(
-            cfg=cfg,
-            inputs={n: cache.entry(n, k) for n, k in step.inputs.items()},
-            out_dir=staging,
-            work_dir=work,
-            log=echo,
-            progress=progress,
-            cache=shared,
-            key=step.key,
-        )
-        t0 = time.perf_counter()
-        try:
-            metrics = stage.run(ctx)
-            (staging / METRICS).write_text(json.dumps(metrics, indent=2))
-        except KdpipeError:
-            cache.abandon(staging)
-            raise
-        except BaseException as exc:
-            cache.abandon(staging)
-            if isinstance(exc, Exception):
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                raise StageError(step.stage, f"{type(exc).__name__}: {first_line}") from exc
-            raise
-        step.seconds = time.perf_counter() - t0
-        step.ran = True
-        forced = step.stage in force
-        cache.commit(step.stage, step.key, staging, step.payload, {"seconds": step.seconds}, replace=forced)
-        echo(f"✓ {step.stage:<9} done    {step.key[:12]} in {step.seconds:.1f}s")
-        if announce:
-            barrier()
-    record = {
-        "config_file": str(cfg.path) if cfg.path else None,
-        "started": started,
-        "finished": time.time(),
-        "stages": {
-            s.stage: {"key": s.key, "cached": not s.ran, "seconds": s.seconds, "payload": s.payload} for s in steps
-        },
-    }
-    _write_json(cfg.cache_dir / LAST_RUN, record)
-    report = build_report(cfg, record)
-    complete = until is None or until == ORDER[-1]
-    if not complete and (cfg.config.gates or gates or old_report):
-        echo(f"gates not evaluated: the run stopped after '{until}'")
-    elif cfg.config.gates or gates or old_report:
-        report["gates"] = run_gates(report, list(cfg.config.gates), gates, old_report, cfg.config.baseline)
-    if complete:
-        report["deployment"] = recommend(report, [*cfg.config.gates, *(parse_gate(g) for g in gates)])
-    publish(cfg, report, record)
-    if report["gates"]:
-        echo(format_table(report["gates"]))
-    failed = [g["name"] for g in report["gates"] if not g["passed"]]
-    if failed:
-        raise GateFailure(f"{len(failed)} gate{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
-    return report
 
 
 def clean(cfg: LoadedConfig, keep_last: bool = False) -> int:

@@ -1,7 +1,8 @@
 """What a stage is: a name, a version, the upstream stages it reads, and ``run``.
 
 A stage reads only its inputs and writes only under ``ctx.out_dir``; the runner owns ordering,
-caching, logging and progress. Stages never touch the cache.
+caching, logging and progress. Stages never touch the cache. The order stages run in is derived from
+what they read (``needs``) and the few "show this first" hints (``after``): see :func:`stage_order`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kdpipe.config import LoadedConfig
+from kdpipe.errors import ConfigError
 from kdpipe.fileio import FileDigests
 from kdpipe.registry import Registry
 
@@ -25,20 +27,40 @@ class StageContext:
     """What a running stage gets.
 
     Attributes:
-        cfg: the whole validated config (a stage reads its own section and ``data``).
+        cfg: the whole validated config (a stage reads its own section, ``data`` and ``runtime``).
+        stage: the running stage's name (``conf`` is its config section).
         inputs: upstream stage name → its committed artifact folder (read-only).
         out_dir: where the stage writes its artifacts.
         work_dir: scratch that survives a killed run (epoch checkpoints), deleted once the entry is committed.
+        memo: objects shared by the stages of one run in this process (the loaded dataset); not the cache.
+        key: this stage's cache key (stamped into exported files).
     """
 
     cfg: LoadedConfig
+    stage: str
     inputs: dict[str, Path]
     out_dir: Path
     work_dir: Path
     log: Callable[[str], None] = print
     progress: bool = True
-    cache: dict[str, Any] = field(default_factory=dict)  # in-process memo shared by stages of one run
-    key: str = ""  # this stage's cache key (stamped into exported files)
+    memo: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+    @property
+    def conf(self) -> Any:
+        """The running stage's own config section (``cfg.config.<stage>``)."""
+        return getattr(self.cfg.config, self.stage)
+
+    @property
+    def runtime(self) -> Any:
+        """Result-neutral settings: device, threads, progress, amp, compile, nproc."""
+        return self.cfg.config.runtime
+
+    def data(self) -> Any:
+        """The dataset and its splits ``(Dataset, Splits)``, loaded once per run and shared by its stages."""
+        from kdpipe.ml.models import stage_data
+
+        return stage_data(self)
 
 
 class Stage(abc.ABC):
@@ -46,7 +68,10 @@ class Stage(abc.ABC):
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    #: upstream stages whose artifacts this one reads (their keys are part of its key)
     needs: ClassVar[tuple[str, ...]] = ()
+    #: stages that run first although their artifacts are not read (ordering only, not part of the key)
+    after: ClassVar[tuple[str, ...]] = ()
     uses_data: ClassVar[bool] = False
     #: libraries whose versions shape this stage's result (part of its cache key)
     libraries: ClassVar[tuple[str, ...]] = ("torch",)
@@ -73,12 +98,49 @@ class Stage(abc.ABC):
         """Fingerprints of files outside the config that shape the result (besides the dataset)."""
         return {}
 
+    def check(self, cfg: LoadedConfig) -> None:
+        """Raise a one-line :class:`~kdpipe.errors.ConfigError` for anything wrong that can be seen without
+        running a stage (names, combinations, files). The runner calls it for every stage of the plan before the
+        first stage runs, so a mistake never surfaces after hours of training."""
+        return None
+
     @abc.abstractmethod
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Do the work, write artifacts under ``ctx.out_dir``, return the metrics (saved as metrics.json)."""
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def check_model_name(cfg: LoadedConfig, key: str, name: str) -> None:
+    """A model name that builds: an unknown one is a ConfigError naming ``key``, before any stage runs."""
+    from kdpipe.ml.zoo import create_model
+    from kdpipe.registry import UnknownNameError
+
+    try:
+        create_model(name, num_classes=2, in_channels=1)
+    except UnknownNameError as exc:
+        raise ConfigError(key, str(exc), cfg.source) from None
+
+
+def stage_order() -> tuple[str, ...]:
+    """The registered stages in run order: every stage after the ones it ``needs`` or runs ``after``.
+
+    Ties (none today: ``after`` makes the chain total) are broken by name, so the order never depends on
+    import order.
+    """
+    deps = {name: set(STAGES.get(name).needs) | set(STAGES.get(name).after) for name in STAGES}
+    for name, wanted in deps.items():
+        unknown = wanted - set(deps)
+        if unknown:
+            raise ValueError(f"stage '{name}' needs unknown stage(s): {', '.join(sorted(unknown))}")
+    order: list[str] = []
+    while len(order) < len(deps):
+        ready = sorted(n for n, d in deps.items() if n not in order and d <= set(order))
+        if not ready:
+            raise ValueError(f"stages depend on each other in a cycle: {sorted(set(deps) - set(order))}")
+        order.append(ready[0])
+    return tuple(order)
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:

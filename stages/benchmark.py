@@ -72,7 +72,7 @@ def pytorch_latency(ctx: StageContext, batch_sizes: list[int], threads: int) -> 
     return out
 
 
-@STAGES.register("benchmark")
+@STAGES.register()
 class BenchmarkStage(Stage):
     name = "benchmark"
     version = 2

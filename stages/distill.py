@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
-from kdpipe.stages.base import STAGES, Stage, StageContext, read_metrics
+from kdpipe.stages.base import STAGES, Stage, StageContext, check_model_name, read_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from kdpipe.stages.distillers import Built, DataInfo, Distiller, TeacherParts
 
 
-@STAGES.register("distill")
+@STAGES.register()
 class DistillStage(Stage):
     name = "distill"
     version = 2
@@ -46,6 +46,9 @@ class DistillStage(Stage):
             if method not in used:
                 conf.pop(key, None)
         return self.training_config(cfg, section)
+
+    def check(self, cfg: LoadedConfig) -> None:
+        check_model_name(cfg, "distill.student", cfg.config.distill.student)
 
     def data_parallel(self, cfg: LoadedConfig) -> bool:
         return True
@@ -66,14 +69,15 @@ class DistillStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
+        from kdpipe.ml.device import pick_device
         from kdpipe.ml.distributed import world
-        from kdpipe.ml.models import count_parameters, load_teacher, stage_data
+        from kdpipe.ml.models import count_parameters, load_teacher
         from kdpipe.ml.split import split_model
-        from kdpipe.ml.training import accuracy, pick_device, predict
+        from kdpipe.ml.training import accuracy, predict
         from kdpipe.stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo, TeacherParts
 
         cfg, conf = ctx.cfg, ctx.cfg.config.distill
-        data, splits = stage_data(ctx)
+        data, splits = ctx.data()
         methods = {m: DISTILLERS.get(m)() for m in dict.fromkeys([conf.method, *conf.compare])}
         teacher, tspec = load_teacher(ctx.inputs["teacher"])
         info = DataInfo(data.num_classes, tuple(data.input_shape), list(data.classes))

@@ -16,11 +16,12 @@ from kdpipe.version import __version__
 SAMPLES = "samples.npz"
 
 
-@STAGES.register("export")
+@STAGES.register()
 class ExportStage(Stage):
     name = "export"
     version = 2
     needs = ("teacher", "distill")
+    after = ("validate",)  # accuracy is known before the export work starts
     uses_data = True
     libraries = ("torch", "onnx", "onnxruntime", "onnxscript")
 
@@ -31,12 +32,12 @@ class ExportStage(Stage):
         from kdpipe.exporters.parity import assert_parity, check_parity
         from kdpipe.exporters.variants import compare, evaluate_onnx, make_variant
         from kdpipe.ml.data import normalize
-        from kdpipe.ml.models import load_teacher, stage_data
+        from kdpipe.ml.models import load_teacher
         from kdpipe.ml.zoo import count_parameters
         from kdpipe.stages.distillers import load_student
 
         conf = ctx.cfg.config.export
-        data, splits = stage_data(ctx)
+        data, splits = ctx.data()
         student, sspec = load_student(ctx.inputs["distill"])
         models = {"student": student}
         if conf.teacher:

@@ -25,7 +25,7 @@ VIEWS = "views.npz"
 INFO = "features.json"
 
 
-@STAGES.register("features")
+@STAGES.register()
 class FeaturesStage(Stage):
     name = "features"
     version = 1
@@ -47,11 +47,11 @@ class FeaturesStage(Stage):
         from tqdm import tqdm
 
         from kdpipe.ml.data import apply_params, make_view_table, normalize
-        from kdpipe.ml.models import frozen, load_teacher, stage_data
+        from kdpipe.ml.device import pick_device
+        from kdpipe.ml.models import frozen, load_teacher
         from kdpipe.ml.split import split_model
-        from kdpipe.ml.training import pick_device
 
-        data, splits = stage_data(ctx)
+        data, splits = ctx.data()
         teacher, tspec = load_teacher(ctx.inputs["teacher"])
         device = pick_device(ctx.cfg.config.runtime.device)
         example = torch.zeros(2, *data.input_shape)

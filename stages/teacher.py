@@ -10,10 +10,10 @@ from typing import Any
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import ConfigError
 from kdpipe.fileio import FileDigests
-from kdpipe.stages.base import STAGES, Stage, StageContext
+from kdpipe.stages.base import STAGES, Stage, StageContext, check_model_name
 
 
-@STAGES.register("teacher")
+@STAGES.register()
 class TeacherStage(Stage):
     name = "teacher"
     version = 1
@@ -29,6 +29,10 @@ class TeacherStage(Stage):
     def data_parallel(self, cfg: LoadedConfig) -> bool:
         return cfg.config.teacher.source == "train"
 
+    def check(self, cfg: LoadedConfig) -> None:
+        if cfg.config.teacher.source != "torchscript":
+            check_model_name(cfg, "teacher.arch", cfg.config.teacher.arch or "")
+
     def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
         conf = cfg.config.teacher
         if conf.path and conf.source != "train":
@@ -42,6 +46,7 @@ class TeacherStage(Stage):
         import torch
         from torch import nn
 
+        from kdpipe.ml.device import pick_device
         from kdpipe.ml.distributed import world
         from kdpipe.ml.models import (
             TEACHER_SCRIPT,
@@ -51,13 +56,12 @@ class TeacherStage(Stage):
             count_parameters,
             load_into,
             load_state_dict_file,
-            stage_data,
         )
-        from kdpipe.ml.training import accuracy, fit, pick_device, predict
+        from kdpipe.ml.training import accuracy, fit, predict
         from kdpipe.ml.zoo import create_model
 
         cfg, conf = ctx.cfg, ctx.cfg.config.teacher
-        data, splits = stage_data(ctx)
+        data, splits = ctx.data()
         device = pick_device(cfg.config.runtime.device)
         spec: dict[str, Any] = {
             "arch": conf.arch,

@@ -7,7 +7,7 @@ from typing import Any
 from kdpipe.stages.base import STAGES, Stage, StageContext
 
 
-@STAGES.register("validate")
+@STAGES.register()
 class ValidateStage(Stage):
     name = "validate"
     version = 1
@@ -15,11 +15,12 @@ class ValidateStage(Stage):
     uses_data = True
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from kdpipe.ml.models import load_teacher, stage_data
-        from kdpipe.ml.training import classification_metrics, pick_device, predict
+        from kdpipe.ml.device import pick_device
+        from kdpipe.ml.models import load_teacher
+        from kdpipe.ml.training import classification_metrics, predict
         from kdpipe.stages.distillers import load_student
 
-        data, _ = stage_data(ctx)
+        data, _ = ctx.data()
         device = pick_device(ctx.cfg.config.runtime.device)
         bs = ctx.cfg.config.validate_.batch_size
         teacher, _ = load_teacher(ctx.inputs["teacher"])

@@ -14,10 +14,11 @@ Either way rank 0 keeps the result and is the only one that writes checkpoints a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -25,7 +26,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from kdpipe.config import launched_world_size
+from kdpipe.config import LoadedConfig, launched_world_size
+from kdpipe.errors import ConfigError
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)  # a dead peer is noticed at the next collective, within this
@@ -53,6 +55,30 @@ def join_launched(device: torch.device) -> int:
         backend = "nccl"
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size, timeout=TIMEOUT)
     return rank
+
+
+@contextlib.contextmanager
+def launched_role(cfg: LoadedConfig) -> Iterator[str | None]:
+    """The torchrun role of this process for one run: ``None`` outside torchrun, else ``"leader"`` (rank 0: plans,
+    runs every stage, alone writes the cache and the report) or ``"follower"`` (trains beside it). Joins the
+    process group on entry and leaves it on exit."""
+    if launched_world_size() <= 1:
+        yield None
+        return
+    from kdpipe.ml.device import pick_device
+
+    if cfg.config.runtime.nproc > 1:
+        raise ConfigError(
+            "runtime.nproc",
+            f"forks its own workers; under torchrun the process count is its --nproc_per_node "
+            f"({launched_world_size()} here): drop --nproc / runtime.nproc",
+            cfg.source,
+        )
+    rank = join_launched(pick_device(cfg.config.runtime.device))
+    try:
+        yield "leader" if rank == 0 else "follower"
+    finally:
+        leave()
 
 
 def leave() -> None:

@@ -22,10 +22,10 @@ TEACHER_SPEC = "teacher.json"
 
 def stage_data(ctx: Any) -> tuple[Dataset, Splits]:
     """The dataset and its splits, loaded once per run and shared by the stages of that run."""
-    if "data" not in ctx.cache:
+    if "data" not in ctx.memo:
         data = load_dataset(ctx.cfg)
-        ctx.cache["data"] = (data, make_splits(ctx.cfg, data))
-    return ctx.cache["data"]
+        ctx.memo["data"] = (data, make_splits(ctx.cfg, data))
+    return ctx.memo["data"]
 
 
 def load_state_dict_file(path: Path, key: str, allow_pickle: bool, source: str) -> dict[str, torch.Tensor]:

@@ -25,12 +25,6 @@ from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch,
 CHECKPOINT = "epoch.pt"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def make_optimizer(params: Iterable[nn.Parameter], conf: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if conf.optimizer == "adamw":

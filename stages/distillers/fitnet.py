@@ -74,7 +74,7 @@ def tie(model: nn.Module, *parts: nn.Module) -> nn.Module:
     return model
 
 
-@DISTILLERS.register("fitnet")
+@DISTILLERS.register()
 class FitNet(Distiller):
     name = "fitnet"
     title = "FitNet"

@@ -31,7 +31,7 @@ def kd_loss(
     return (1 - alpha) * hard + alpha * t * t * soft
 
 
-@DISTILLERS.register("kd")
+@DISTILLERS.register()
 class KD(Distiller):
     name = "kd"
     title = "KD"

@@ -14,7 +14,7 @@ from kdpipe.ml.data import Batch
 from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
 
 
-@DISTILLERS.register("scratch")
+@DISTILLERS.register()
 class Scratch(Distiller):
     name = "scratch"
     title = "scratch"

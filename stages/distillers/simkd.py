@@ -103,7 +103,7 @@ def projector_kernel(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> int:
     return 1 if tuple(common_size(s_shape[1:], t_shape[1:])) == (1, 1) else 3  # type: ignore[arg-type]
 
 
-@DISTILLERS.register("simkd")
+@DISTILLERS.register()
 class SimKD(Distiller):
     """MSE between the projected student map and the teacher map, on full C×H×W maps (no CE, no KL)."""
 
