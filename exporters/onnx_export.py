@@ -17,6 +17,8 @@ import onnx
 import torch
 from torch import nn
 
+from kdpipe.fileio import atomic_path
+
 EXPORTERS = ("dynamo", "torchscript")
 
 
@@ -100,9 +102,8 @@ def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
     """Replace the metadata_props of the ONNX file at ``path`` (atomically)."""
     proto = onnx.load(str(path))
     _set_metadata(proto, metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 def onnx_parameter_count(path: Path) -> int:

@@ -1,4 +1,5 @@
-"""Deployment variants of an fp32 ONNX classifier: graph-optimised, fp16, dynamic int8 and static (QDQ) int8.
+"""Deployment variants of an fp32 ONNX classifier: graph-optimised, fp16, dynamic int8 and static (QDQ) int8,
+each a :class:`Variant` registered in :data:`VARIANTS`.
 
 Every function takes and writes paths; every output is one self-contained ``.onnx`` file (no external data).
 Only numpy, onnx and onnxruntime are used here, so a deployment box without torch can build the variants.
@@ -6,13 +7,16 @@ Only numpy, onnx and onnxruntime are used here, so a deployment box without torc
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import json
 import logging
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -31,7 +35,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-VARIANTS = ("optimized", "fp16", "int8_dynamic", "int8_static")
+from kdpipe.registry import Registry
+
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -233,6 +238,73 @@ def make_int8_static(
     return {"calibration_samples": len(data), "method": method, "per_channel": per_channel, "tensors": len(ranges)}
 
 
+@dataclass(frozen=True)
+class VariantInputs:
+    """What a variant may need besides the fp32 model: calibration images and quantisation settings."""
+
+    calibration: np.ndarray | None = None
+    method: str = "minmax"
+    per_channel: bool = True
+    ranges_path: Path | None = None
+
+
+class Variant(abc.ABC):
+    """A deployment variant of the fp32 student (Olive's "pass"): a name, whether it needs calibration images,
+    and ``build``. Register a new one with ``@VARIANTS.register()``; add its name to ``kdpipe.config.Variant``
+    (a test keeps the two equal)."""
+
+    name: ClassVar[str]
+    calibrated: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
+        """Write the variant of ``src`` at ``dst``; return its quantisation info (``{}`` for none)."""
+
+
+VARIANTS: Registry[type[Variant]] = Registry("variant")
+
+
+@VARIANTS.register()
+class Optimized(Variant):
+    name = "optimized"
+
+    def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
+        make_optimized(src, dst)
+        return {}
+
+
+@VARIANTS.register()
+class Fp16(Variant):
+    name = "fp16"
+
+    def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
+        make_fp16(src, dst)
+        return {}
+
+
+@VARIANTS.register()
+class Int8Dynamic(Variant):
+    name = "int8_dynamic"
+
+    def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
+        make_int8_dynamic(src, dst, per_channel=inputs.per_channel)
+        return {}
+
+
+@VARIANTS.register()
+class Int8Static(Variant):
+    name = "int8_static"
+    calibrated = True
+
+    def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
+        if inputs.calibration is None:
+            raise ValueError("variant 'int8_static' needs calibration images")
+        return make_int8_static(
+            src, dst, inputs.calibration, method=inputs.method, per_channel=inputs.per_channel,
+            ranges_path=inputs.ranges_path,
+        )  # fmt: skip
+
+
 def make_variant(
     name: str,
     src: Path,
@@ -245,24 +317,16 @@ def make_variant(
     """Build variant ``name`` of ``src`` at ``dst``.
 
     Returns:
-        ``{"variant", "file", "bytes"}``, plus :func:`make_int8_static`'s info for ``int8_static``.
+        ``{"variant", "file", "bytes"}``, plus the variant's quantisation info (int8_static's calibration).
 
     Raises:
-        ValueError: unknown ``name``, or ``int8_static`` without ``calibration``.
+        ValueError: unknown ``name``, or a calibrated variant without ``calibration``.
     """
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-    info: dict = {}
-    if name == "optimized":
-        make_optimized(src, dst)
-    elif name == "fp16":
-        make_fp16(src, dst)
-    elif name == "int8_dynamic":
-        make_int8_dynamic(src, dst, per_channel=per_channel)
-    else:
-        if calibration is None:
-            raise ValueError("variant 'int8_static' needs calibration images")
-        info = make_int8_static(src, dst, calibration, method=method, per_channel=per_channel, ranges_path=ranges_path)
+        raise ValueError(VARIANTS.unknown_message(name))
+    info = VARIANTS.get(name)().build(
+        Path(src), Path(dst), VariantInputs(calibration, method, per_channel, ranges_path)
+    )
     dst = Path(dst)
     return {"variant": name, "file": str(dst), "bytes": dst.stat().st_size, **info}
 

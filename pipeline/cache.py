@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kdpipe.fileio import sha256_file
+from kdpipe.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger("kdpipe")
 
@@ -173,9 +173,7 @@ class Cache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        tmp_manifest = staging / f".{MANIFEST}.tmp"  # renaming the folder keeps every file's mtime
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp_manifest, staging / MANIFEST)
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         final = self.entry(stage, key)
         if (final.exists() or final.is_symlink()) and _verify(final, stage, key) is not None:
             remove(final)  # damaged: never keep it in favour of the good entry just built

@@ -160,10 +160,9 @@ def report(config_path: str, fmt: str, output: str | None, report_path: str | No
 
         text = render_html(data)
     if output:
-        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, output)
+        from kdpipe.fileio import atomic_write_text
+
+        atomic_write_text(Path(output), text)
     else:
         click.echo(text, nl=False)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")

@@ -172,7 +172,8 @@ class FeaturesConfig(Section):
     seed: int = Field(0, description="Seed of the views' crop and flip parameters.")
 
 
-DistillMethod = Literal["simkd", "kd", "fitnet", "scratch"]
+DistillMethod = Literal["simkd", "kd", "fitnet", "scratch"]  # = DISTILLERS' names (a test keeps them equal)
+Variant = Literal["optimized", "fp16", "int8_dynamic", "int8_static"]  # = exporters.variants.VARIANTS' names
 
 
 class KDConfig(Section):
@@ -249,7 +250,7 @@ class ExportConfig(Section):
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter.")
     teacher: bool = Field(True, description="Also export the teacher, for comparison.")
     parity: ParityConfig = Field(default_factory=ParityConfig, description="ONNX Runtime vs PyTorch tolerances.")
-    variants: list[Literal["optimized", "fp16", "int8_dynamic", "int8_static"]] = Field(
+    variants: list[Variant] = Field(
         default_factory=list,
         description="Deployment variants of the student, each re-validated on the test split: ONNX Runtime "
         "graph-optimised fp32, fp16, int8 dynamic, int8 static (QDQ, calibrated).",

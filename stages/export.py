@@ -26,23 +26,32 @@ class ExportStage(Stage):
     libraries = ("torch", "onnx", "onnxruntime", "onnxscript")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        import numpy as np
-
-        from kdpipe.exporters.onnx_export import export_onnx, stamp_metadata
-        from kdpipe.exporters.parity import assert_parity, check_parity
-        from kdpipe.exporters.variants import compare, evaluate_onnx, make_variant
         from kdpipe.ml.data import normalize
+
+        conf = ctx.conf
+        data, _ = ctx.data()
+        test = normalize(data.test_x, data.mean, data.std)
+        out: dict[str, Any] = {"input_shape": list(data.input_shape), "models": {}}
+        metadata = self.export_models(ctx, test[: conf.parity.samples], out)
+        expected = self.make_variants(ctx, test.numpy(), data.test_y.numpy(), metadata, out)
+        if conf.bundle_samples:
+            self.save_samples(ctx, test.numpy(), data.test_y.numpy(), expected, out)
+        return out
+
+    def export_models(self, ctx: StageContext, images: Any, out: dict[str, Any]) -> dict[str, str]:
+        """The fp32 student (and teacher) to ONNX, parity checked on ``images``; returns the files' metadata."""
+        from kdpipe.exporters.onnx_export import export_onnx
+        from kdpipe.exporters.parity import assert_parity, check_parity
         from kdpipe.ml.models import load_teacher
         from kdpipe.ml.zoo import count_parameters
         from kdpipe.stages.distillers import load_student
 
-        conf = ctx.cfg.config.export
-        data, splits = ctx.data()
+        conf = ctx.conf
+        data, _ = ctx.data()
         student, sspec = load_student(ctx.inputs["distill"])
         models = {"student": student}
         if conf.teacher:
             models["teacher"], _ = load_teacher(ctx.inputs["teacher"])
-        images = normalize(data.test_x[: conf.parity.samples], data.mean, data.std)
         metadata = {
             "kdpipe_version": __version__,
             "kdpipe_export_key": ctx.key,
@@ -54,7 +63,6 @@ class ExportStage(Stage):
             "teacher_arch": str(sspec["teacher_arch"]),
             "student_arch": str(sspec["student_arch"]),
         }
-        out: dict[str, Any] = {"input_shape": list(data.input_shape), "models": {}}
         for name, model in models.items():
             path = ctx.out_dir / f"{name}.onnx"
             info = export_onnx(
@@ -64,33 +72,43 @@ class ExportStage(Stage):
             assert_parity(info["parity"], conf.parity.max_abs_diff, conf.parity.min_top1_agreement, path.name)
             info["torch_parameters"] = count_parameters(model)
             out["models"][name] = info
+        return metadata
 
-        test = normalize(data.test_x, data.mean, data.std).numpy()
-        labels = data.test_y.numpy()
-        expected = {}
-        if conf.variants:
-            reference = evaluate_onnx(ctx.out_dir / "student.onnx", test)
-            expected["student"] = reference
-            calibration = normalize(
-                data.train_x[splits.train_idx[: conf.quantization.calibration_samples]], data.mean, data.std
-            ).numpy()
+    def make_variants(
+        self, ctx: StageContext, test: Any, labels: Any, metadata: dict[str, str], out: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Each configured variant of the student, re-validated on the whole test split against the fp32 student.
+        Returns every model's test logits (the expected outputs of the bundle samples)."""
+        from kdpipe.exporters.onnx_export import stamp_metadata
+        from kdpipe.exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
+        from kdpipe.ml.data import normalize
+
+        conf = ctx.conf
+        if not conf.variants:
+            return {}
+        data, splits = ctx.data()
+        reference = evaluate_onnx(ctx.out_dir / "student.onnx", test)
+        expected = {"student": reference}
+        calibration = normalize(
+            data.train_x[splits.train_idx[: conf.quantization.calibration_samples]], data.mean, data.std
+        ).numpy()
         for variant in conf.variants:
             name = f"student-{variant}"
             path = ctx.out_dir / f"{name}.onnx"
+            calibrated = VARIANTS.get(variant).calibrated
             ctx.log(f"export {name}")
             info = make_variant(
                 variant,
                 ctx.out_dir / "student.onnx",
                 path,
-                calibration=calibration if variant == "int8_static" else None,
+                calibration=calibration if calibrated else None,
                 method=conf.quantization.method,
                 per_channel=conf.quantization.per_channel,
-                ranges_path=ctx.out_dir / f"{name}.ranges.json" if variant == "int8_static" else None,
+                ranges_path=ctx.out_dir / f"{name}.ranges.json" if calibrated else None,
             )
             stamp_metadata(path, {**metadata, "role": name, "variant": variant})
-            logits = evaluate_onnx(path, test)
-            expected[name] = logits
-            result = compare(logits, reference, labels)
+            expected[name] = evaluate_onnx(path, test)
+            result = compare(expected[name], reference, labels)
             out["models"][name] = {
                 "file": path.name,
                 "bytes": path.stat().st_size,
@@ -106,16 +124,24 @@ class ExportStage(Stage):
                 "accuracy": {"samples": len(labels), "top1": result["top1"], "top5": result["top5"]},
                 **({"quantization": info} if isinstance(info, dict) else {}),
             }
-        if conf.bundle_samples:
-            n = conf.bundle_samples
-            sample_images = test[:n]
-            for name in out["models"]:
-                if name not in expected:
-                    expected[name] = evaluate_onnx(ctx.out_dir / out["models"][name]["file"], sample_images)
-            np.savez(
-                ctx.out_dir / SAMPLES,
-                images=sample_images,
-                labels=labels[:n],
-                **{f"expected_{k}": v[:n] for k, v in expected.items()},
-            )
-        return out
+        return expected
+
+    def save_samples(
+        self, ctx: StageContext, test: Any, labels: Any, expected: dict[str, Any], out: dict[str, Any]
+    ) -> None:
+        """``samples.npz``: the first test images and every model's expected logits, for on-device checks."""
+        import numpy as np
+
+        from kdpipe.exporters.variants import evaluate_onnx
+
+        n = ctx.conf.bundle_samples
+        images = test[:n]
+        for name in out["models"]:
+            if name not in expected:
+                expected[name] = evaluate_onnx(ctx.out_dir / out["models"][name]["file"], images)
+        np.savez(
+            ctx.out_dir / SAMPLES,
+            images=images,
+            labels=labels[:n],
+            **{f"expected_{k}": v[:n] for k, v in expected.items()},
+        )

@@ -20,7 +20,7 @@ from typing import Any
 from kdpipe.config import LoadedConfig
 from kdpipe.edge import RUNNER as RUNNER_SOURCE
 from kdpipe.errors import UsageError
-from kdpipe.fileio import sha256_file
+from kdpipe.fileio import atomic_path, sha256_file
 from kdpipe.reporting.report import load_report
 from kdpipe.version import __version__
 
@@ -182,16 +182,9 @@ def _write_archive(built: Path, out: Path) -> None:
     if out.is_dir():
         raise UsageError(f"{out} is a folder; give a .tar.gz file name")
     top = out.name.removesuffix(".tar.gz").removesuffix(".tgz") or "bundle"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-            for path in sorted(built.iterdir()):
-                tar.add(path, arcname=f"{top}/{path.name}", recursive=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, tarfile.open(tmp, mode="w:gz") as tar:
+        for path in sorted(built.iterdir()):
+            tar.add(path, arcname=f"{top}/{path.name}", recursive=False)
 
 
 def make_bundle(cfg: LoadedConfig, out: Path, models: list[str] | None = None) -> Path:

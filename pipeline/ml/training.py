@@ -9,7 +9,6 @@ Model selection uses the validation split only.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import Augment, TrainConfig
+from kdpipe.fileio import atomic_path
 from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
 
 CHECKPOINT = "epoch.pt"
@@ -91,9 +91,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @dataclass

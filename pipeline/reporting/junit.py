@@ -10,7 +10,6 @@ form with one suite.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import xml.etree.ElementTree as ET
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdpipe.fileio import atomic_write_text
 from kdpipe.version import __version__
 
 SUITE_NAME = "kdpipe.gates"
@@ -119,13 +119,4 @@ def render_junit(report: dict[str, Any]) -> str:
 
 def write_junit(report: dict[str, Any], path: Path) -> Path:
     """Write :func:`render_junit` to ``path`` atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(render_junit(report), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(Path(path), render_junit(report))

@@ -12,6 +12,7 @@ from typing import Any
 
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import UsageError
+from kdpipe.fileio import atomic_write_text
 from kdpipe.version import __version__
 
 SCHEMA_VERSION = 1
@@ -148,9 +149,7 @@ def write_reports(out: Path, report: dict[str, Any]) -> Path:
     """report.json and report.md, each replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     return out / "report.json"
 
 

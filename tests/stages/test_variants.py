@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import typing
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdpipe.config import Variant
 from kdpipe.exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
 
 CLASSES = 4
@@ -88,7 +90,7 @@ def fp32(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def variants(fp32: dict) -> dict:
     out = {}
-    for name in VARIANTS:
+    for name in VARIANTS.names():
         dst = fp32["path"].parent / name / f"{name}.onnx"
         ranges = dst.with_suffix(".ranges.json") if name == "int8_static" else None
         info = make_variant(name, fp32["path"], dst, calibration=fp32["calibration"], ranges_path=ranges)
@@ -101,7 +103,7 @@ def test_reference_is_meaningful(fp32: dict) -> None:
     assert fp32["metrics"]["top5"] == 1.0  # 4 classes: k = 4
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS.names())
 def test_variant_is_single_runnable_file(name: str, variants: dict) -> None:
     path = variants[name]["path"]
     assert path.is_file()
@@ -156,6 +158,10 @@ def test_static_other_methods(fp32: dict, tmp_path: Path) -> None:
     assert info["method"] == "percentile" and info["calibration_samples"] == 40 and info["tensors"] > 0
     agreement = compare(evaluate_onnx(tmp_path / "p.onnx", fp32["images"]), fp32["reference"])["top1_agreement"]
     assert agreement >= 0.8
+
+
+def test_config_names_every_registered_variant() -> None:
+    assert sorted(typing.get_args(Variant)) == VARIANTS.names()
 
 
 def test_errors(fp32: dict, tmp_path: Path) -> None:
