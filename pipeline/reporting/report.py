@@ -39,6 +39,42 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
     validate = _metrics(cfg, record, "validate") or {}
     export = _metrics(cfg, record, "export") or {}
     bench = _metrics(cfg, record, "benchmark") or {}
+    models = _trained_models(teacher, distill, validate, export)
+    models.update(_variants(distill, export, exclude=set(models)))
+    _attach_latency(models, bench)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kdpipe_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.get("finished", time.time()))),
+        "config_file": record.get("config_file"),
+        "dataset": teacher.get("data"),
+        "models": models,
+        "speedup_p50": bench.get("speedup_p50"),
+        "comparison": distill.get("comparison") or None,
+        "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads", "thread_counts", "host") if k in bench}
+        or None,
+        "training": {
+            name: {k: m[k] for k in ("best_epoch", "best_val_top1", "images_per_second", "history") if k in m}
+            for name, m in (("teacher", teacher), ("distill", distill))
+            if m.get("history")
+        },
+        "stages": {
+            n: {"key": s["key"], "cached": s["cached"], "seconds": round(s["seconds"], 3)}
+            for n, s in record["stages"].items()
+        },
+        "versions": {
+            "python": platform.python_version(),
+            **library_versions(["torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy"]),
+        },
+        "gates": [],
+        "deployment": None,
+    }
+
+
+def _trained_models(
+    teacher: dict[str, Any], distill: dict[str, Any], validate: dict[str, Any], export: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The teacher's and the student's entries: architecture, parameters, accuracy, ONNX file and parity."""
     models: dict[str, dict[str, Any]] = {}
     for role, train in (("teacher", teacher), ("student", distill)):
         if not train:
@@ -67,8 +103,14 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
                 "parity": e["parity"],
             }
         models[role] = entry
+    return models
+
+
+def _variants(distill: dict[str, Any], export: dict[str, Any], exclude: set[str]) -> dict[str, dict[str, Any]]:
+    """Each exported variant of the student: its accuracy, agreement with fp32, file and quantisation."""
+    models: dict[str, dict[str, Any]] = {}
     for name, e in export.get("models", {}).items():
-        if name in models or "variant" not in e:
+        if name in exclude or "variant" not in e:
             continue
         models[name] = {
             "arch": distill.get("student_arch"),
@@ -82,6 +124,11 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
         }
         if "quantization" in e:
             models[name]["quantization"] = e["quantization"]
+    return models
+
+
+def _attach_latency(models: dict[str, dict[str, Any]], bench: dict[str, Any]) -> None:
+    """Benchmark figures per model, and which variants are slower than the fp32 student (and at which batch)."""
     for name, entry in models.items():
         if name in bench.get("results", {}):
             entry["latency"] = bench["results"][name]
@@ -96,33 +143,6 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
             slower = [b for b, cell in entry["latency"].items() if b in fp32 and cell["p50_ms"] > fp32[b]["p50_ms"]]
             entry["slower_than_fp32"] = bool(slower)
             entry["slower_than_fp32_at"] = slower
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kdpipe_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.get("finished", time.time()))),
-        "config_file": record.get("config_file"),
-        "dataset": teacher.get("data"),
-        "models": models,
-        "speedup_p50": bench.get("speedup_p50"),
-        "comparison": distill.get("comparison") or None,
-        "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads", "thread_counts", "host") if k in bench}
-        or None,
-        "training": {
-            name: {k: m[k] for k in ("best_epoch", "best_val_top1", "images_per_second", "history") if k in m}
-            for name, m in (("teacher", teacher), ("distill", distill))
-            if m.get("history")
-        },
-        "stages": {
-            n: {"key": s["key"], "cached": s["cached"], "seconds": round(s["seconds"], 3)}
-            for n, s in record["stages"].items()
-        },
-        "versions": {
-            "python": platform.python_version(),
-            **library_versions(["torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy"]),
-        },
-        "gates": [],
-        "deployment": None,
-    }
 
 
 def _place(src: Path, dst: Path) -> None:
