@@ -13,15 +13,16 @@ $(BIN)/kdpipe: pyproject.toml
 
 install: $(BIN)/kdpipe
 
-# Installs kdpipe and runs the default pipeline (pipeline.yaml) end to end on real Fashion-MNIST.
+# Installs kdpipe, provisions Fashion-MNIST (scripts/provision.sh: Debian package, else torchvision's download)
+# and runs the default pipeline (pipeline.yaml) end to end on it.
 demo: install
-	@test -d /usr/share/datasets/fashion-mnist || test -n "$$KDPIPE_DATA" || \
-	  (echo "Fashion-MNIST is missing: sudo apt-get install -y dataset-fashion-mnist (or set KDPIPE_DATA)"; exit 2)
+	@PYTHON=$(BIN)/python scripts/provision.sh data
 	$(BIN)/kdpipe run -c pipeline.yaml
 	$(BIN)/kdpipe report --format md
 
-# Installs kdpipe and runs the test suite.
+# Installs kdpipe and what its tests need (scripts/provision.sh: Fashion-MNIST, OpenSSH), then runs the suite.
 test: install
+	@PYTHON=$(BIN)/python scripts/provision.sh test
 	$(BIN)/python -m pytest -q
 
 lint: install
