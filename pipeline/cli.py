@@ -111,6 +111,7 @@ def run(
 
     cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])), WRITES)
     with _cache_lock(cfg, no_wait):
+        _preflight(cfg, force, until, gates, baseline)
         report = run_pipeline(
             cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
             baseline=baseline,
@@ -121,6 +122,20 @@ def run(
     top1 = student.get("accuracy", {}).get("top1")
     summary = f"student test top-1 {top1:.4f}" if top1 is not None else "no test accuracy yet"
     click.echo(f"report: {cfg.output_dir / 'report.json'} ({summary})")
+
+
+def _preflight(cfg, force: tuple[str, ...], until: str | None, gates: tuple[str, ...], baseline: str | None) -> None:
+    """Check before work (:mod:`kdpipe.preflight`) for the stages this run will run."""
+    from kdpipe.preflight import preflight
+    from kdpipe.reporting.gates import parse_gate
+    from kdpipe.runner import plan, read_last_run
+
+    steps = plan(cfg, read_last_run(cfg))
+    if until:
+        steps = steps[: ORDER.index(until) + 1]
+    stale = [s.stage for s in steps if s.stage in force or not s.cached]
+    complete = until is None or until == ORDER[-1]
+    preflight(cfg, stale, [parse_gate(g) for g in gates], complete=complete, baseline=bool(baseline))
 
 
 @cli.command()

@@ -115,3 +115,30 @@ def test_truncated_dataset_file_through_the_cli(project, capsys):
     assert_one_line_exit_2(code, err, str(images), "truncated")
     assert not [p for p in (project / ".kdpipe").glob("*/*") if not p.name.startswith(".")]  # no entry committed
     assert not (project / "kdpipe-out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        ({"benchmark": {"providers": ["NoSuchExecutionProvider"]}}, ("benchmark.providers",)),
+        ({"gates": [{"metric": "top1", "model": "studnet", "min": 0.5}]}, ("gates", "studnet")),
+        ({"teacher": {"feature_node": "nope"}}, ("teacher.feature_node", "'nope'")),
+    ],
+)
+def test_problems_found_before_the_first_stage(project, capsys, monkeypatch, extra, names):
+    from kdpipe.stages import STAGES
+    from tests.conftest import deep_merge
+
+    ran = []
+    for name in STAGES:
+        monkeypatch.setattr(STAGES.get(name), "run", lambda self, ctx, _n=name: ran.append(_n))
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, extra)))
+    code, err = run_cli(capsys, "run")
+    assert_one_line_exit_2(code, err, *names)
+    assert ran == []
+    assert not (project / "kdpipe-out").exists()
+
+
+def test_command_line_gate_naming_an_unknown_model(project, capsys):
+    code, err = run_cli(capsys, "run", "--gate", "techer.top1 >= 0.5")
+    assert_one_line_exit_2(code, err, "techer")
