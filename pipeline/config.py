@@ -50,14 +50,57 @@ class Synthetic(Section):
     test_size: int = Field(128, ge=4, description="Test images.")
 
 
+class SplitFiles(Section):
+    """Where each split's list file (filelist) or shards (webdataset) are, relative to the config."""
+
+    train: str = Field(description="Training data (list file, or brace-expanded shard paths like a-{000..009}.tar).")
+    val: str | None = Field(
+        None, description="Validation data; null holds out data.val_fraction of train (stable hash of each path/key)."
+    )
+    test: str = Field(description="Test data (same form as train).")
+
+
+class ImagenetRecipe(Section):
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range (fractions of the image)."
+    )
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range.")
+    crop_fraction: float = Field(
+        0.875, gt=0, le=1, description="Evaluation: resize the shorter side to image_size / crop_fraction, centre crop."
+    )
+    auto_augment: Literal["trivialaugment", "randaugment"] | None = Field(
+        None, description="Optional TrivialAugmentWide or RandAugment after the crop and flip."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ImagenetRecipe:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError("scale must be 0 < low <= high <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError("ratio must be 0 < low <= high")
+        return self
+
+
+FILE_DATASETS = ("imagefolder", "filelist", "webdataset")
+
+
 class DataConfig(Section):
-    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = Field(
-        "fashion_mnist", description="Which dataset to use."
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic"] = (
+        Field("fashion_mnist", description="Which dataset to use.")
     )
     root: str | None = Field(
         None,
         description="Where the files are. fashion_mnist: then $KDPIPE_DATA, then Debian's dataset-fashion-mnist. "
         "imagefolder: a folder holding train/ and test/ class folders.",
+    )
+    files: SplitFiles | None = Field(
+        None, description="filelist: CSV files of `path,label` or `path,class_name` rows (paths relative to the file)."
+    )
+    shards: SplitFiles | None = Field(
+        None, description="webdataset: tar shards per split (samples hold an image and a `cls` integer label)."
+    )
+    classes: list[str] | None = Field(
+        None, description="webdataset / filelist with integer labels: class names in label order (else class0, ...)."
     )
     download: bool = Field(True, description="Let torchvision download the dataset when it is nowhere on disk.")
     seed: int = Field(0, description="Seed of the train/val split and of the training subset.")
@@ -67,10 +110,57 @@ class DataConfig(Section):
     train_subset: int | None = Field(
         None, gt=0, description="Use only this many training images (seeded choice, after the val split)."
     )
-    image_size: int | None = Field(None, gt=0, description="imagefolder only: resize images to this square size.")
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Image datasets: the square size the model sees (the crop size of recipe imagenet); null: the "
+        "first training image's size.",
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="Image datasets: 1 (grayscale) or 3 (RGB); null: as the first training image is."
+    )
+    recipe: Literal["cifar", "imagenet"] = Field(
+        "cifar",
+        description="cifar: pad-crop-flip (data.augment), square resize; imagenet: RandomResizedCrop + flip for "
+        "training, resize to image_size / crop_fraction and centre crop for evaluation (streaming only).",
+    )
+    imagenet: ImagenetRecipe = Field(default_factory=ImagenetRecipe, description="Settings of recipe imagenet.")
+    in_memory: Literal["auto"] | bool = Field(
+        "auto",
+        description="true: decode the whole dataset into one uint8 tensor (fast for small data); false: stream, "
+        "decoding per image in loader workers; auto: in memory when the decoded size fits data.memory_budget_mb.",
+    )
+    memory_budget_mb: int = Field(1024, gt=0, description="auto: the largest decoded dataset held in memory.")
+    workers: int | None = Field(
+        None, ge=0, description="Streaming: decoding worker processes (null: the usable cores; 0: in the main process)."
+    )
+    fingerprint: Literal["stat", "content"] = Field(
+        "stat",
+        description="Cache key of image datasets: stat digests relative paths, sizes and mtimes (fast; a copy that "
+        "does not keep mtimes re-runs); content hashes every byte (slow on large data).",
+    )
+    skip_bad_images: bool = Field(
+        False,
+        description="Skip unreadable images, missing list entries and empty class folders (counted) "
+        "instead of stopping with exit 2.",
+    )
     normalize: Normalize | None = Field(None, description="Normalisation; null uses the dataset's own statistics.")
     augment: Augment = Field(default_factory=Augment, description="Training-time augmentation.")
     synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the synthetic dataset.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.dataset == "filelist" and self.files is None:
+            raise ValueError("dataset 'filelist' needs `files` (train, test and optionally val list files)")
+        if self.dataset == "webdataset" and self.shards is None:
+            raise ValueError("dataset 'webdataset' needs `shards` (train, test and optionally val shard paths)")
+        if self.dataset not in FILE_DATASETS and self.recipe == "imagenet":
+            raise ValueError("recipe 'imagenet' is for image datasets (imagefolder, filelist, webdataset)")
+        if self.recipe == "imagenet" and self.in_memory is True:
+            raise ValueError("recipe 'imagenet' streams (random resized crops of full images); set in_memory: auto")
+        if self.dataset == "webdataset" and self.in_memory is True:
+            raise ValueError("webdataset streams; set in_memory: auto or false")
+        return self
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -170,6 +260,12 @@ class FeaturesConfig(Section):
     precision: Literal["fp16", "fp32"] = Field("fp16", description="Storage precision of the cached feature maps.")
     batch_size: int = Field(512, gt=0, description="Teacher batch size while computing features.")
     seed: int = Field(0, description="Seed of the views' crop and flip parameters.")
+    max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Largest features cache (views x images x C x H x W x bytes, plus logits) to write; null: the "
+        "free disk space minus 1 GiB. Checked before computing.",
+    )
 
 
 DistillMethod = Literal["simkd", "kd", "fitnet", "scratch"]  # = DISTILLERS' names (a test keeps them equal)
@@ -409,8 +505,13 @@ class LoadedConfig:
         return launched if launched > 1 else self.config.runtime.nproc
 
     def section(self, name: str) -> dict[str, Any]:
-        """A config section as plain JSON data (what goes into a cache key)."""
-        return getattr(self.config, "validate_" if name == "validate" else name).model_dump(mode="json")
+        """A config section as plain JSON data (what goes into a cache key).
+
+        ``data.workers`` is left out: streamed batches do not depend on how many processes decode them."""
+        section = getattr(self.config, "validate_" if name == "validate" else name).model_dump(mode="json")
+        if name == "data":
+            section.pop("workers", None)
+        return section
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:

@@ -141,6 +141,8 @@ class DistillStage(Stage):
                     },
                     **{k: v for k, v in result.items() if k != "best_state"},
                 }
+                if data.source_report is not None:  # image datasets: which path, images skipped while training
+                    metrics["data"] = data.source_report
             del built, result
         scratch = next((r for r in rows if r["method"] == "scratch"), None)
         for row in rows if scratch else ():

@@ -11,11 +11,14 @@ only that, and distillation runs the teacher online.
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from kdpipe.diskspace import ensure_space, reserve
+from kdpipe.errors import ConfigError
 from kdpipe.stages.base import STAGES, Stage, StageContext
 
 FEATURES = "features.npy"
@@ -23,6 +26,7 @@ LOGITS = "logits.npy"
 INDEX = "train_index.npy"
 VIEWS = "views.npz"
 INFO = "features.json"
+DISK_MARGIN = 2**30
 
 
 @STAGES.register()
@@ -52,6 +56,13 @@ class FeaturesStage(Stage):
         from kdpipe.ml.split import split_model
 
         data, splits = ctx.data()
+        if not isinstance(data.train_x, torch.Tensor):
+            raise ConfigError(
+                "features.enabled",
+                "cached teacher features need the dataset in memory, and this one streams (data.in_memory); "
+                "set features.enabled: false to run the teacher online",
+                ctx.cfg.source,
+            )
         teacher, tspec = load_teacher(ctx.inputs["teacher"])
         device = pick_device(ctx.cfg.config.runtime.device)
         example = torch.zeros(2, *data.input_shape)
@@ -66,6 +77,7 @@ class FeaturesStage(Stage):
         index = splits.train_idx.numpy()
         n, k = len(index), conf.views
         dtype = np.float16 if conf.precision == "fp16" else np.float32
+        check_size(ctx, n, shape, np.dtype(dtype).itemsize, data.num_classes)
         feats = None
         feats_bytes = n * k * int(np.prod(shape)) * np.dtype(dtype).itemsize if shape is not None else 0
         ensure_space(ctx.out_dir / FEATURES, feats_bytes + n * k * data.num_classes * 4)  # before the teacher runs
@@ -138,6 +150,29 @@ def open_reserved(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:
         path.unlink(missing_ok=True)
         raise
     return array
+
+
+def check_size(ctx: StageContext, images: int, shape: Any, itemsize: int, classes: int) -> int:
+    """Stop before writing a features cache larger than ``features.max_bytes`` (default: free disk space
+    minus a margin): views × images × C×H×W × bytes, plus the logits."""
+    conf = ctx.cfg.config.features
+    per_view = (math.prod(shape) * itemsize if shape is not None else 0) + classes * 4
+    need = conf.views * images * per_view
+    if conf.max_bytes is not None:
+        limit, what = conf.max_bytes, "features.max_bytes"
+    else:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        limit, what = shutil.disk_usage(ctx.out_dir).free - DISK_MARGIN, "the free disk space less 1 GiB"
+    if need > limit:
+        feature = "x".join(map(str, shape)) if shape is not None else "0"
+        raise ConfigError(
+            "features.views",
+            f"the features cache would take {need / 2**30:.1f} GiB ({conf.views} views x {images} images x "
+            f"({feature} x {itemsize} B + {classes} logits x 4 B)), over {what} ({max(0, limit) / 2**30:.1f} GiB); "
+            "lower features.views, or set features.enabled: false to run the teacher online",
+            ctx.cfg.source,
+        )
+    return need
 
 
 class CachedTeacher:

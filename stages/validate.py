@@ -33,4 +33,6 @@ class ValidateStage(Stage):
         agreement = (logits["teacher"].argmax(1) == logits["student"].argmax(1)).float().mean().item()
         result["student"]["agreement_with_teacher"] = agreement
         result["split"] = "test"
+        if data.source_report is not None:  # image datasets: in memory or streamed, and any images skipped
+            result["data"] = data.source_report
         return result

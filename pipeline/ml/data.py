@@ -1,7 +1,9 @@
 """Datasets as uint8 tensors in memory, a seeded train/val split, and batched augmentation.
 
-Small datasets (Fashion-MNIST, CIFAR) are loaded once as whole tensors; batches are cut, augmented
-(random crop with padding, horizontal flip) and normalised as tensors, never one PIL image at a time.
+Small datasets (Fashion-MNIST, CIFAR, synthetic, small image folders) are loaded once as whole tensors;
+batches are cut, augmented (random crop with padding, horizontal flip) and normalised as tensors, never
+one PIL image at a time. Larger image datasets stream (:mod:`kdpipe.ml.loaders`); :func:`train_batches`
+and :func:`steps_per_epoch` serve either, and both yield the one :class:`Batch` type.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ class Dataset:
     test_y: torch.Tensor
     mean: list[float]
     std: list[float]
+    source_report: dict[str, Any] | None = None  # image datasets: which path holds them, what was skipped
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -123,32 +127,6 @@ def _cifar(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.nda
     return list(train.classes), to_chw(train.data), np.array(train.targets), to_chw(test.data), np.array(test.targets)
 
 
-def _imagefolder(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from PIL import Image
-
-    trees = sources.imagefolder_files(cfg)
-    classes = sorted({c for c, _ in trees["train"]})
-    index = {c: i for i, c in enumerate(classes)}
-    size = cfg.config.data.image_size
-    arrays = []
-    for split in ("train", "test"):
-        images, labels = [], []
-        for cls, path in trees[split]:
-            if cls not in index:
-                raise UsageError(f"{path}: class '{cls}' is in test/ but not in train/")
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if size:
-                    im = im.resize((size, size))
-                images.append(np.asarray(im).transpose(2, 0, 1))
-            labels.append(index[cls])
-        shapes = {a.shape for a in images}
-        if len(shapes) > 1:
-            raise UsageError(f"data.image_size: images under {split}/ differ in size ({len(shapes)} sizes); set it")
-        arrays += [np.stack(images), np.array(labels)]
-    return classes, arrays[0], arrays[1], arrays[2], arrays[3]
-
-
 def _synthetic(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Smooth, left-right symmetric class templates plus noise: learnable in a few steps even under
     crop/flip augmentation, and fully determined by the config."""
@@ -175,7 +153,7 @@ def _synthetic(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np
 def load_dataset(cfg: LoadedConfig) -> Dataset:
     """Load the configured dataset into memory."""
     data = cfg.config.data
-    loader = {"fashion_mnist": _fashion, "synthetic": _synthetic, "imagefolder": _imagefolder}.get(data.dataset, _cifar)
+    loader = {"fashion_mnist": _fashion, "synthetic": _synthetic}.get(data.dataset, _cifar)
     classes, train_x, train_y, test_x, test_y = loader(cfg)
     tx = torch.from_numpy(np.ascontiguousarray(train_x))
     if data.normalize:
@@ -184,9 +162,10 @@ def load_dataset(cfg: LoadedConfig) -> Dataset:
             raise UsageError(f"data.normalize: {len(mean)} values for {tx.shape[1]}-channel images")
     elif data.dataset in KNOWN_STATS:
         mean, std = KNOWN_STATS[data.dataset]
-    else:
-        pixels = tx.float().div_(255).transpose(0, 1).reshape(tx.shape[1], -1)
-        mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+    else:  # exact, a chunk at a time: never a float copy of the whole set
+        from kdpipe.ml.recipes import channel_stats
+
+        mean, std = channel_stats(tx.split(1024))
     return Dataset(
         name=data.dataset,
         classes=list(classes),
@@ -213,7 +192,9 @@ def make_splits(cfg: LoadedConfig, data: Dataset) -> Splits:
 
 
 def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (or [0,1] float) images → normalised float32."""
+    """uint8 (or [0,1] float) images → normalised float32 (a streamed image sequence is decoded whole)."""
+    if not isinstance(x, torch.Tensor):
+        x = x[:]
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -230,9 +211,12 @@ class Batch:
     y: torch.Tensor
     index: torch.Tensor
     view: torch.Tensor | None = None
+    local: bool = False  # already this rank's share (streamed batches are read per rank)
 
     def shard(self, rank: int, size: int) -> Batch:
         """This rank's share of a global batch (data-parallel training)."""
+        if self.local:
+            return self
         part = slice(rank, None, size)
         return Batch(self.x[part], self.y[part], self.index[part], None if self.view is None else self.view[part])
 
@@ -242,6 +226,7 @@ class Batch:
             self.y.to(device, non_blocking=True),
             self.index,
             self.view,
+            self.local,
         )
 
 
@@ -305,7 +290,11 @@ def train_batches(
     """Shuffled, augmented, normalised training batches; a pure function of (seed, epoch) so runs resume exactly.
 
     With ``views``, each image appears as one of its precomputed views (chosen at random), replayed exactly.
+    Streamed splits read their batches through loader workers (the same :class:`Batch`, this rank's share).
     """
+    if not isinstance(splits, Splits):
+        yield from splits.train_batches(batch_size, seed, epoch, views)
+        return
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=g)]
     data = splits.data
@@ -321,7 +310,9 @@ def train_batches(
         yield Batch(normalize(x, data.mean, data.std), data.train_y[idx], idx, view)
 
 
-def steps_per_epoch(splits: Splits, batch_size: int) -> int:
+def steps_per_epoch(splits: Splits, batch_size: int, seed: int = 0) -> int:
+    if not isinstance(splits, Splits):
+        return splits.steps_per_epoch(batch_size, seed)
     n = len(splits.train_idx)
     full, rest = divmod(n, batch_size)
     return full + (1 if rest >= 2 else 0)

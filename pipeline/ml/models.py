@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import ConfigError
-from kdpipe.ml.data import Dataset, Splits, load_dataset, make_splits
+from kdpipe.ml.data import Dataset, Splits
 from kdpipe.ml.preprocessing import with_adapter
 from kdpipe.ml.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
 from kdpipe.ml.zoo import count_parameters, create_model  # noqa: F401 - re-exported
@@ -21,10 +21,11 @@ TEACHER_SPEC = "teacher.json"
 
 
 def stage_data(ctx: Any) -> tuple[Dataset, Splits]:
-    """The dataset and its splits, loaded once per run and shared by the stages of that run."""
+    """The dataset and its splits (in memory or streamed), opened once per run and shared by its stages."""
     if "data" not in ctx.memo:
-        data = load_dataset(ctx.cfg)
-        ctx.memo["data"] = (data, make_splits(ctx.cfg, data))
+        from kdpipe.ml.imagedata import open_data
+
+        ctx.memo["data"] = open_data(ctx.cfg)
     return ctx.memo["data"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from kdpipe.config import DataConfig, LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
+from kdpipe.ml import filelists
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
@@ -18,7 +20,6 @@ FASHION_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _fashion_files(folder: Path) -> dict[str, Path] | None:
@@ -110,27 +111,9 @@ def locate_cifar(cfg: LoadedConfig) -> Path:
     return folder
 
 
-def imagefolder_files(cfg: LoadedConfig) -> dict[str, list[tuple[str, Path]]]:
-    """``{"train": [(class, path), ...], "test": [...]}`` of an ImageFolder tree."""
-    data = cfg.config.data
-    if not data.root:
-        raise ConfigError("data.root", "imagefolder needs a root folder holding train/ and test/", cfg.source)
-    root = configured_root(cfg)
-    out: dict[str, list[tuple[str, Path]]] = {}
-    for split in ("train", "test"):
-        folder = root / split
-        if not folder.is_dir():
-            raise ConfigError("data.root", f"{folder} is not a folder (an ImageFolder tree needs {split}/)", cfg.source)
-        items = [
-            (cls.name, f)
-            for cls in sorted(p for p in folder.iterdir() if p.is_dir())
-            for f in sorted(cls.rglob("*"))
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not items:
-            raise ConfigError("data.root", f"no images under {folder}/<class>/", cfg.source)
-        out[split] = items
-    return out
+def listing(cfg: LoadedConfig) -> filelists.Listing:
+    """The file lists of an image dataset (imagefolder or filelist)."""
+    return filelists.filelist(cfg) if cfg.config.data.dataset == "filelist" else filelists.imagefolder(cfg)
 
 
 def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
@@ -147,11 +130,20 @@ def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
             "dataset": data.dataset,
             "files": {p.name: memo.file(p) for p in sorted(folder.iterdir()) if p.is_file()},
         }
-    trees = imagefolder_files(cfg)
+    if data.dataset == "webdataset":
+        assert data.shards is not None
+        shards = sorted({p for part in (data.shards.train, data.shards.val, data.shards.test) if part
+                         for p in filelists.expand_shards(cfg, part)})  # fmt: skip
+        for p in shards:
+            filelists.check_shard(p)
+        digest = hashlib.sha256()
+        for p in shards:
+            what = memo.file(p) if data.fingerprint == "content" else f"{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            digest.update(f"{p.name}\t{what}\n".encode())
+        return {"dataset": data.dataset, "files": len(shards), "digest": digest.hexdigest()}
+    found = listing(cfg)
     return {
         "dataset": data.dataset,
-        "files": {
-            split: [[cls, p.relative_to(cfg.resolve(data.root)).as_posix(), memo.file(p)] for cls, p in items]
-            for split, items in trees.items()
-        },
+        "mode": data.fingerprint,
+        **filelists.list_digest(cfg, found, memo.file if data.fingerprint == "content" else None),
     }

@@ -1,0 +1,258 @@
+"""The streaming data path: images decoded per batch in DataLoader worker processes, never all at once.
+
+:class:`StreamData` and :class:`StreamSplits` stand where the in-memory :class:`~kdpipe.ml.data.Dataset` and
+:class:`~kdpipe.ml.data.Splits` do, with the same attributes, so every stage reads data one way:
+
+- training: ``train_batches(splits, ...)`` yields :class:`~kdpipe.ml.data.Batch` (normalised images,
+  labels, indices) whichever path holds the data;
+- evaluation: ``test_x`` / ``val_x`` / ``train_x`` are image sequences. In memory they are uint8 tensors;
+  here they are :class:`LazyImages`, whose slices are uint8 batches decoded by loader workers (a scan in
+  order, as ``predict`` makes, reuses one loader and its prefetching).
+
+Memory therefore depends on the batch size, the workers and their prefetch, not on the dataset size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdpipe.errors import UsageError
+from kdpipe.ml.datasets import EpochSampler, ImageFiles, ShardImages
+from kdpipe.ml.filelists import SKIP_HINT
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class BadImages:
+    """Images skipped (``data.skip_bad_images``) or, without it, the first one stops the run."""
+
+    skip: bool
+    seen: set[str] = field(default_factory=set)
+    listed: list[str] = field(default_factory=list)  # found while listing files (missing, empty folders)
+
+    def check(self, names: list[str], errors: list[str]) -> list[int]:
+        """Rows of a batch to keep; raises (one line naming the file) unless skipping."""
+        bad = [i for i, e in enumerate(errors) if e]
+        if bad and not self.skip:
+            i = bad[0]
+            raise UsageError(f"{names[i]}: unreadable image ({errors[i]}); {SKIP_HINT}")
+        self.seen.update(names[i] for i in bad)
+        return [i for i in range(len(errors)) if not errors[i]]
+
+    def report(self) -> dict[str, Any]:
+        found = sorted(self.seen)
+        return {
+            "skipped_images": len(found) + len(self.listed),
+            "examples": (self.listed + found)[:5],
+        }
+
+
+class Loaders:
+    """DataLoader settings shared by every loader of one dataset (workers, pinning, persistence)."""
+
+    def __init__(self, workers: int | None, pin: bool) -> None:
+        self.workers = usable_cores() if workers is None else workers
+        self.pin = pin
+
+    def make(self, dataset: Any, **kw: Any) -> torch.utils.data.DataLoader:
+        workers = kw.pop("workers", self.workers)
+        return torch.utils.data.DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self.pin,
+            persistent_workers=workers > 0 and kw.pop("persistent", False),
+            prefetch_factor=2 if workers > 0 else None,
+            multiprocessing_context="fork" if workers > 0 and hasattr(os, "fork") else None,
+            **kw,
+        )
+
+
+class LazyImages:
+    """A split's evaluation images (uint8, N×C×H×W) decoded on demand: ``len`` and slicing like a tensor."""
+
+    def __init__(self, owner: StreamData, split: str, rows: np.ndarray | None, labels: torch.Tensor) -> None:
+        self.owner, self.split, self.rows, self.labels = owner, split, rows, labels
+        self._scan: tuple[int, int, int, Iterator[Any]] | None = None  # (pid, next start, batch size, iterator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.owner.input_shape)
+
+    def _loader(self, rows: np.ndarray | None, batch_size: int, start: int = 0) -> torch.utils.data.DataLoader:
+        ds = self.owner.eval_dataset(self.split)
+        if rows is None:  # shards: a stream in shard order (one reader keeps the order the labels were listed in)
+            return self.owner.loaders.make(ds, batch_size=batch_size, workers=min(1, self.owner.loaders.workers))
+        return self.owner.loaders.make(torch.utils.data.Subset(ds, rows[start:].tolist()), batch_size=batch_size)
+
+    def _collect(self, batch: Any) -> torch.Tensor:
+        x, _, index, errors = batch
+        names = [self.owner.describe(self.split, int(i), e) for i, e in zip(index, errors, strict=True)]
+        self.owner.bad.check(names, list(errors))  # in evaluation a skipped image stays blank, keeping labels aligned
+        return x
+
+    def __getitem__(self, key: slice | torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("LazyImages slices take no step")
+            if stop <= start:
+                return torch.empty((0, *self.owner.input_shape), dtype=torch.uint8)
+            size = stop - start
+            scan = self._scan
+            if scan is None or scan[0] != os.getpid() or scan[1] != start or scan[2] != size:
+                if self.rows is None and start != 0:
+                    raise IndexError("shard images are read in order from the start")
+                it = iter(self._loader(self.rows, size, start))
+            else:
+                it = scan[3]
+            x = self._collect(next(it))
+            self._scan = (os.getpid(), start + size, size, it) if stop < len(self) else None
+            return x
+        want = np.asarray(key).reshape(-1)
+        if self.rows is None:  # shards: the first len(key) images (calibration wants training images, any ones)
+            return self[: len(want)]
+        out = [self._collect(b) for b in self._loader(self.rows[want], 64)]
+        return torch.cat(out) if out else torch.empty((0, *self.owner.input_shape), dtype=torch.uint8)
+
+
+class StreamData:
+    """A dataset streamed from files or shards; attributes match :class:`~kdpipe.ml.data.Dataset`."""
+
+    def __init__(
+        self,
+        name: str,
+        classes: list[str],
+        geo: Any,
+        mean: list[float],
+        std: list[float],
+        sources: dict[str, Any],
+        labels: dict[str, torch.Tensor],
+        transforms: dict[str, Any],
+        loaders: Loaders,
+        bad: BadImages,
+    ) -> None:
+        self.name, self.classes, self.geo, self.mean, self.std = name, classes, geo, mean, std
+        self.sources, self.transforms, self.loaders, self.bad = sources, transforms, loaders, bad
+        self.train_y, self.test_y = labels["train"], labels["test"]
+        self.train_x = LazyImages(self, "train", self._rows("train"), self.train_y)
+        self.test_x = LazyImages(self, "test", self._rows("test"), self.test_y)
+        self.val_labels = labels.get("val")  # shards with their own val split
+
+    def _rows(self, split: str) -> np.ndarray | None:
+        src = self.sources[split]
+        return np.arange(len(src)) if hasattr(src, "paths") else None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.geo.shape
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def eval_dataset(self, split: str) -> Any:
+        src = self.sources[split]
+        transform, draft = self.transforms["eval"]
+        if hasattr(src, "paths"):
+            return ImageFiles(src, self.geo, transform, draft)
+        shards, keep = src
+        return ShardImages(shards, self.geo, transform, draft, keep=keep)
+
+    @property
+    def source_report(self) -> dict[str, Any]:
+        return {"path": "streaming", "workers": self.loaders.workers, **self.bad.report()}
+
+    def describe(self, split: str, index: int, error: str) -> str:
+        src = self.sources[split]
+        return str(src.path(index)) if hasattr(src, "paths") and index >= 0 else error.split(": ", 1)[0]
+
+
+class StreamSplits:
+    """Train and val of a :class:`StreamData`, with training batches read through loader workers."""
+
+    def __init__(self, data: StreamData, train_idx: np.ndarray | None, val_idx: np.ndarray | None, n_train: int):
+        self.data = data
+        self.train_idx = torch.from_numpy(train_idx) if train_idx is not None else torch.arange(n_train)
+        self.streamed_train = train_idx is None  # shards: indices only count the images
+        if val_idx is not None:
+            self.val_idx = torch.from_numpy(val_idx)
+            self.val_x = LazyImages(data, "train", val_idx, data.train_y[self.val_idx])
+        else:
+            assert data.val_labels is not None
+            self.val_idx = torch.arange(len(data.val_labels))
+            self.val_x = LazyImages(data, "val", None, data.val_labels)
+        self.val_y = self.val_x.labels
+        self._train: dict[tuple[int, int, int, int], Any] = {}
+
+    def _sampler_loader(self, batch_size: int, seed: int) -> tuple[Any, Any]:
+        """The epoch source (sampler or shard stream) and loader for this process; workers persist across epochs."""
+        from kdpipe.ml.distributed import world
+
+        rank, size = world()
+        local = max(1, batch_size // size)
+        key = (os.getpid(), local, size)
+        if key not in self._train:
+            d = self.data
+            transform, draft = d.transforms["train"]
+            if self.streamed_train:
+                shards, keep = d.sources["train"]
+                ds = ShardImages(
+                    shards, d.geo, transform, draft, seed=seed, shuffle=True, rank=rank, size=size, keep=keep
+                )
+                self._train[key] = (ds, d.loaders.make(ds, batch_size=local))
+            else:
+                sampler = EpochSampler(self.train_idx.numpy(), local, seed, rank, size)
+                ds = ImageFiles(d.sources["train"], d.geo, transform, draft)
+                self._train[key] = (sampler, d.loaders.make(ds, batch_size=local, sampler=sampler, persistent=True))
+        source, loader = self._train[key]
+        source.seed = seed
+        return source, loader
+
+    def steps_per_epoch(self, batch_size: int, seed: int = 0) -> int:
+        if self.streamed_train:
+            from kdpipe.ml.distributed import world
+
+            glob = batch_size // world()[1] * world()[1]
+            return max(1, len(self.train_idx) // glob)
+        return self._sampler_loader(batch_size, seed)[0].steps()
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, views: Any = None) -> Iterator[Any]:
+        """One epoch of augmented, normalised batches (this rank's share under data-parallel training)."""
+        from kdpipe.ml.data import Batch, normalize
+
+        if views is not None:
+            raise UsageError("cached teacher features (features.enabled) need the in-memory data path")
+        epoch_source, loader = self._sampler_loader(batch_size, seed)
+        epoch_source.set_epoch(epoch)
+        steps = self.steps_per_epoch(batch_size, seed)
+        made = 0
+        while made < steps:
+            produced = 0
+            for x, y, index, errors in loader:
+                produced += 1
+                names = [self.data.describe("train", int(i), e) for i, e in zip(index, errors, strict=True)]
+                keep = self.data.bad.check(names, list(errors))
+                if len(keep) < len(errors):
+                    x, y, index = x[keep], y[keep], index[keep]
+                if len(y) >= 2:  # BatchNorm cannot train on one image
+                    yield Batch(normalize(x, self.data.mean, self.data.std), y, index, None, local=True)
+                made += 1
+                if made >= steps:
+                    break
+            if not self.streamed_train or produced == 0:
+                break  # file lists: the sampler gives exactly `steps`; shards may be short on a rank: go round
