@@ -51,6 +51,16 @@ class Listing:
     skipped: list[str] = field(default_factory=list)
 
 
+def configured_root(cfg: LoadedConfig) -> Path:
+    """``data.root`` resolved against the config's folder; it must exist (a typo is not "not downloaded yet")."""
+    root = cfg.resolve(cfg.config.data.root or "")
+    if not root.exists():
+        raise ConfigError("data.root", f"{root} does not exist", cfg.source)
+    if not root.is_dir():
+        raise ConfigError("data.root", f"{root} is a file, not a folder", cfg.source)
+    return root
+
+
 def _bad(cfg: LoadedConfig, skipped: list[str], message: str) -> None:
     """Stop with one line naming the file, or (data.skip_bad_images) remember it and go on."""
     if not cfg.config.data.skip_bad_images:
@@ -68,8 +78,6 @@ def imagefolder(cfg: LoadedConfig) -> Listing:
     data = cfg.config.data
     if not data.root:
         raise ConfigError("data.root", "imagefolder needs a root folder holding train/ and test/", cfg.source)
-    from kdpipe.ml.sources import configured_root  # sources imports this module
-
     root = configured_root(cfg)
     skipped: list[str] = []
     trees: dict[str, dict[str, list[str]]] = {}

@@ -11,6 +11,7 @@ from kdpipe.config import DataConfig, LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
 from kdpipe.ml import filelists
+from kdpipe.ml.filelists import configured_root
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
@@ -34,16 +35,6 @@ def _fashion_files(folder: Path) -> dict[str, Path] | None:
         if len(found) == len(FASHION_FILES):
             return found
     return None
-
-
-def configured_root(cfg: LoadedConfig) -> Path:
-    """``data.root`` resolved against the config's folder; it must exist (a typo is not "not downloaded yet")."""
-    root = cfg.resolve(cfg.config.data.root or "")
-    if not root.exists():
-        raise ConfigError("data.root", f"{root} does not exist", cfg.source)
-    if not root.is_dir():
-        raise ConfigError("data.root", f"{root} is a file, not a folder", cfg.source)
-    return root
 
 
 def default_download_root() -> Path:
