@@ -58,12 +58,23 @@ def geometry(conf: DataConfig, first: Path | bytes) -> Geometry:
     return Geometry(channels, (h, w))
 
 
-def _eval_resize(conf: DataConfig, geo: Geometry) -> tuple[list[v2.Transform], tuple[int, int]]:
+class FitSize(torch.nn.Module):
+    """Resize to ``size`` unless the image already has it (most images of a prepared dataset do)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = list(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if list(x.shape[-2:]) == self.size else v2.functional.resize(x, self.size, antialias=True)
+
+
+def _eval_resize(conf: DataConfig, geo: Geometry) -> tuple[list[Callable], tuple[int, int]]:
     """The deterministic resize (and crop) of the evaluation recipe, and the draft size it allows."""
     if conf.recipe == "imagenet":
         short = round(min(geo.size) / conf.imagenet.crop_fraction)
         return [v2.Resize(short, antialias=True), v2.CenterCrop(geo.size)], (short, short)
-    return [v2.Resize(geo.size, antialias=True)], (geo.size[1], geo.size[0])
+    return [FitSize(geo.size)], (geo.size[1], geo.size[0])
 
 
 def eval_transform(conf: DataConfig, geo: Geometry) -> tuple[v2.Transform, tuple[int, int]]:
@@ -81,7 +92,7 @@ def train_transform(conf: DataConfig, geo: Geometry) -> tuple[v2.Transform, tupl
     flip = [v2.RandomHorizontalFlip()] if conf.augment.horizontal_flip else []
     if conf.recipe == "imagenet":
         r = conf.imagenet
-        ops: list[v2.Transform] = [
+        ops: list[Callable] = [
             v2.PILToTensor(),
             v2.RandomResizedCrop(geo.size, scale=tuple(r.scale), ratio=tuple(r.ratio), antialias=True),
             *flip,
@@ -106,8 +117,11 @@ def seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image,
     """Apply ``transform`` with its random choices drawn from ``seed`` (the caller's RNG state is kept)."""
     if seed is None:
         return transform(image)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    if torch.utils.data.get_worker_info() is not None:  # a loader worker: its global RNG is its own
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):  # the main process: keep the training loop's RNG state
+        torch.default_generator.manual_seed(seed)
         return transform(image)
 
 
