@@ -1,0 +1,195 @@
+"""Which nodes make static int8 lose accuracy, and an int8 model that keeps just enough of them in fp32.
+
+ORT's ``quantize_static`` either quantises a graph or not; when int8 costs accuracy it gives no clue where. Here
+the fp32 model is pre-processed and calibrated once (:func:`prepare`), then re-quantised cheaply (the calibration
+cache is reused) with ``nodes_to_quantize`` / ``nodes_to_exclude``:
+
+* :func:`analyse` — for every quantisable node, val top-1 and output SQNR (ORT's ``qdq_loss_debug`` formula) with
+  only that node quantised, and with only that node left in fp32; ranked, most sensitive first.
+* :func:`fallback_search` — keep the most sensitive nodes in fp32 one at a time until val top-1 is within
+  ``budget`` of fp32, timing each step (batch 1), so the report can show the accuracy/latency trade-off.
+
+Only validation images come in here; the caller re-validates the chosen model on test. numpy/onnx/onnxruntime only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+from kdpipe.exporters.variants import CALIBRATION_METHODS, _calibrate, _pre_process, _quiet_ort, evaluate_onnx
+
+#: op types whose sensitivity is analysed: the ones that compute (weights or arithmetic). Data-movement ops
+#: (Relu, Reshape, MaxPool…) are still quantised; they only pass their neighbours' scales on.
+ANALYSED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
+QUANTIZED_OPS = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An fp32 model ready to be quantised many ways: pre-processed, named, calibrated once."""
+
+    model: Path
+    cache: Path
+    nodes: list[str]
+    op_types: dict[str, str]
+    method: str
+    per_channel: bool
+    calibration_samples: int
+
+
+def _name_nodes(path: Path) -> None:
+    """Give every unnamed node a unique name: nodes_to_exclude/nodes_to_quantize match nodes by name."""
+    model = onnx.load(str(path))
+    seen: set[str] = set()
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+            changed = True
+        seen.add(node.name)
+    if changed:
+        onnx.save(model, str(path))
+
+
+def prepare(
+    src: Path, calibration: np.ndarray, folder: Path, method: str = "minmax", per_channel: bool = True
+) -> Prepared:
+    """Pre-process ``src`` as ``make_int8_static`` does and calibrate it once, into ``folder``."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"method must be one of {tuple(CALIBRATION_METHODS)}, got {method!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.ascontiguousarray(calibration, dtype=np.float32)
+    with _quiet_ort():
+        pre = _pre_process(Path(src), folder)
+        model = folder / "prepared.onnx"
+        onnx.save(onnx.load(str(pre)), str(model))
+        _name_nodes(model)
+        tensors = _calibrate(model, data, CALIBRATION_METHODS[method], folder)
+    cache = folder / "calibration_cache.json"
+    save_tensors_data(tensors, cache)
+    graph = onnx.load(str(model), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type in ANALYSED_OPS]
+    return Prepared(model, cache, [n.name for n in nodes], {n.name: n.op_type for n in nodes}, method,
+                    per_channel, len(data))  # fmt: skip
+
+
+def quantize(prep: Prepared, dst: Path, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> Path:
+    """Static QDQ int8 (U8S8, as ``int8_static``) of the prepared model, with nodes excluded or a subset only."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_ort():
+        quantize_static(
+            str(prep.model),
+            str(dst),
+            None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=prep.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[prep.method],
+            calibration_cache_path=str(prep.cache),
+            nodes_to_exclude=list(exclude),
+            nodes_to_quantize=list(only) if only is not None else None,
+        )
+    return dst
+
+
+def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-quantisation-noise ratio of ``got`` against ``reference`` in dB (ORT's formula: identical arrays
+    give ~324 dB, its epsilon, not inf, so the figure always fits in JSON)."""
+    return float(compute_signal_to_quantization_noice_ratio([reference], [got]))
+
+
+def _score(path: Path, images: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    logits = evaluate_onnx(path, images)
+    return {"top1": float(np.mean(logits.argmax(1) == labels)), "sqnr_db": sqnr_db(reference, logits)}
+
+
+def analyse(
+    prep: Prepared,
+    images: np.ndarray,
+    labels: np.ndarray,
+    folder: Path,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Per-node sensitivity on ``images`` (validation, never test), most sensitive first.
+
+    A node ranks higher the lower the output SQNR with it alone quantised (the damage it does by itself, a clean
+    signal even where accuracy barely moves), then the more val top-1 the model gets back when it alone stays fp32.
+    Leaving one node in fp32 often gives little back: ORT still quantises a tensor that a quantised neighbour
+    produces or consumes, so a bad activation range is only removed once both of its ends are in fp32.
+
+    Returns:
+        ``{"samples", "fp32": {"top1"}, "int8": {"top1", "sqnr_db"}, "nodes": [rows]}``; a row is
+        ``{"rank", "node", "op_type", "quantized_only": {"top1", "sqnr_db"}, "fp32_only": {"top1", "sqnr_db"}}``.
+    """
+    folder = Path(folder)
+    labels = np.asarray(labels).reshape(-1)
+    reference = evaluate_onnx(prep.model, images)
+    fp32_top1 = float(np.mean(reference.argmax(1) == labels))
+    full = _score(quantize(prep, folder / "int8.onnx"), images, labels, reference)
+    rows = []
+    for i, node in enumerate(prep.nodes):
+        log(f"sensitivity {i + 1}/{len(prep.nodes)}: {node}")
+        q_only = _score(quantize(prep, folder / "only.onnx", only=[node]), images, labels, reference)
+        f_only = _score(quantize(prep, folder / "except.onnx", exclude=[node]), images, labels, reference)
+        rows.append({"node": node, "op_type": prep.op_types[node], "quantized_only": q_only, "fp32_only": f_only})
+    rows.sort(key=lambda r: (r["quantized_only"]["sqnr_db"], -r["fp32_only"]["top1"], -r["fp32_only"]["sqnr_db"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return {"samples": len(labels), "fp32": {"top1": fp32_top1}, "int8": full, "nodes": rows}
+
+
+def fallback_search(
+    prep: Prepared,
+    ranking: Sequence[str],
+    images: np.ndarray,
+    labels: np.ndarray,
+    budget: float,
+    folder: Path,
+    max_nodes: int,
+    latency: Callable[[Path], dict[str, float]] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Leave ``ranking``'s nodes in fp32 one more at a time until val top-1 >= fp32 top-1 - ``budget``.
+
+    Step k excludes the first k nodes of ``ranking`` (step 0 is plain int8). The search stops at the first step
+    within budget, or after ``max_nodes`` exclusions; then the step with the best val top-1 is chosen (the
+    fewest exclusions among equals) and ``within_budget`` is False.
+
+    Returns:
+        ``{"budget", "fp32_top1", "steps": [{"step", "excluded", "val_top1", "sqnr_db", **latency}], "chosen",
+        "within_budget", "model"}`` where ``model`` is the chosen step's file in ``folder``.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    folder = Path(folder)
+    labels = np.asarray(labels).reshape(-1)
+    reference = evaluate_onnx(prep.model, images)
+    fp32_top1 = float(np.mean(reference.argmax(1) == labels))
+    steps: list[dict[str, Any]] = []
+    for k in range(min(max_nodes, len(ranking)) + 1):
+        excluded = list(ranking[:k])
+        path = quantize(prep, folder / f"fallback-{k}.onnx", exclude=excluded)
+        score = _score(path, images, labels, reference)
+        step = {"step": k, "excluded": excluded, "val_top1": score["top1"], "sqnr_db": score["sqnr_db"],
+                **(latency(path) if latency else {})}  # fmt: skip
+        steps.append(step)
+        log(f"int8_fallback step {k}: {len(excluded)} node(s) in fp32, val top-1 {score['top1']:.4f}")
+        if score["top1"] >= fp32_top1 - budget:
+            break
+    within = steps[-1]["val_top1"] >= fp32_top1 - budget
+    chosen = steps[-1]["step"] if within else max(steps, key=lambda s: (s["val_top1"], -s["step"]))["step"]
+    return {"budget": budget, "fp32_top1": fp32_top1, "steps": steps, "chosen": chosen, "within_budget": within,
+            "model": str(folder / f"fallback-{chosen}.onnx")}  # fmt: skip

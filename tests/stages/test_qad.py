@@ -1,0 +1,105 @@
+"""Fake quantisation for QAD: matches ORT's int8 kernels, exports to a QDQ graph ORT runs in int8, round-trips."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdpipe.exporters.onnx_export import export_onnx
+from kdpipe.exporters.precision import computed_precision
+from kdpipe.exporters.qad import ActQuant, QuantConv, QuantLinear, attach, calibrate, detach, quantize_weight
+from kdpipe.exporters.variants import compare, evaluate_onnx, make_fp16, make_int8_static
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    model.train()
+    with torch.no_grad():  # non-trivial BN statistics, so folding matters
+        for _ in range(3):
+            model(torch.randn(32, 1, 8, 8) * 2 + 0.5)
+    return model.eval()
+
+
+def test_weight_quantisation_is_per_channel_symmetric_127() -> None:
+    w = torch.tensor([[1.0, -0.5, 0.26], [0.01, 0.02, -0.04]])
+    q = quantize_weight(w)
+    assert torch.allclose(q[0], torch.round(w[0] * 127) / 127)  # channel 0: scale 1/127
+    assert q[1].abs().max() == pytest.approx(0.04)  # channel 1 keeps its own scale
+
+
+def test_activation_range_includes_zero_and_clamps() -> None:
+    q = ActQuant(0.0, 6.0)
+    q.min.fill_(-3.0)
+    q.max.fill_(10.0)
+    scale, zero = q.scale_zero_point()
+    assert scale == pytest.approx(6.0 / 255) and zero == 0  # a following ReLU6 clamps the range to [0, 6]
+    q = ActQuant()
+    q.min.fill_(0.5)
+    q.max.fill_(2.55)
+    assert q.scale_zero_point() == (pytest.approx(2.55 / 255), 0)  # widened to include 0
+
+
+def test_attach_folds_bn_and_detach_restores(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    model = tiny()
+    keys = set(model.state_dict())
+    x = torch.randn(64, 1, 8, 8) * 2 + 0.5
+    with torch.no_grad():
+        fp32 = model(x)
+    names = attach(model)
+    assert names == ["0", "3", "8"]
+    assert isinstance(model[0], QuantConv) and isinstance(model[8], QuantLinear) and isinstance(model[1], nn.Identity)
+    assert model[3].output_quant.high == 6.0 and model[8].output_quant.low is None
+    with pytest.raises(RuntimeError, match="calibrate"):
+        model(x)
+    calibrate(model, x)
+    with torch.no_grad():
+        fake = model(x)
+    assert 0 < (fake - fp32).abs().max() < 0.1  # quantisation noise, not a different network
+    model(x).sum().backward()  # straight-through gradients reach the conv weights and the BN affine parameters
+    assert model[0].conv.weight.grad is not None and model[0].bn.weight.grad is not None
+    detach(model, names)
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(x), fp32)
+
+
+def test_fake_quant_matches_ort_int8_kernels(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    model = tiny()
+    cal, x = torch.randn(64, 1, 8, 8) * 2 + 0.5, torch.randn(256, 1, 8, 8) * 2 + 0.5
+    export_onnx(model, tmp_path / "fp32.onnx", x[:2], 18, "dynamo")
+    make_int8_static(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cal.numpy())
+    names = attach(model)
+    calibrate(model, cal)
+    with torch.no_grad():
+        fake = model(x).numpy()
+    detach(model, names)
+    ort_int8 = evaluate_onnx(tmp_path / "int8.onnx", x.numpy())
+    fp32 = evaluate_onnx(tmp_path / "fp32.onnx", x.numpy())
+    to_fake, to_fp32 = compare(ort_int8, fake), compare(ort_int8, fp32)
+    # the fake-quant model predicts ORT's int8 output much better than the fp32 model does
+    assert to_fake["mean_abs_diff"] < 0.6 * to_fp32["mean_abs_diff"]
+    assert to_fake["top1_agreement"] >= 0.99
+    precision = computed_precision(tmp_path / "int8.onnx")
+    assert precision["computes_in"] == "int8" and precision["nodes"]["int8"] >= 3  # QLinearConv ×2, QGemm
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ORT has fp16 CPU kernels on ARM64")
+def test_fp16_on_cpu_is_reported_as_fp32(tmp_path: Path) -> None:
+    model = tiny()
+    export_onnx(model, tmp_path / "fp32.onnx", torch.zeros(2, 1, 8, 8), 18, "dynamo")
+    make_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")
+    x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
+    assert np.abs(evaluate_onnx(tmp_path / "fp16.onnx", x) - evaluate_onnx(tmp_path / "fp32.onnx", x)).max() < 1e-2
+    assert computed_precision(tmp_path / "fp16.onnx")["computes_in"] == "fp32"
+    assert computed_precision(tmp_path / "fp32.onnx")["computes_in"] == "fp32"

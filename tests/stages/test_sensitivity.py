@@ -1,0 +1,120 @@
+"""Sensitivity analysis and int8 fallback on a tiny ONNX graph with one deliberately fragile node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kdpipe.exporters.sensitivity import analyse, fallback_search, prepare, quantize, sqnr_db
+from kdpipe.exporters.variants import evaluate_onnx
+
+SCALE = 1000.0  # input channel 0 spans ±SCALE, channel 1 ±1: one uint8 range for both erases channel 1
+
+
+def fragile_model(path: Path) -> Path:
+    """x(2 ch) → conv_a → Relu → conv_b → Relu → GAP → Flatten → gemm. conv_a reads channel 0 with weights
+    1/SCALE, so both channels matter equally, but quantising conv_a's input (the graph input) with one
+    per-tensor range rounds channel 1 away: conv_a is the fragile node."""
+    rng = np.random.default_rng(0)
+    wa = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    wa[:, 0] /= SCALE
+    inits = [
+        numpy_helper.from_array(wa, "wa"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32) * 0.1, "ba"),
+        numpy_helper.from_array(rng.standard_normal((6, 6, 3, 3)).astype(np.float32) * 0.3, "wb"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32) * 0.1, "bb"),
+        numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "wg"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "bg"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+        helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
+        helper.make_node("GlobalAveragePool", ["br"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["logits"], name="gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fragile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 2, 8, 8)).astype(np.float32)
+    x[:, 0] *= SCALE
+    return x
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("sens")
+    src = fragile_model(folder / "fp32.onnx")
+    prep = prepare(src, images(64, 1), folder / "prep")
+    val = images(200, 2)
+    labels = evaluate_onnx(src, val).argmax(1)  # fp32 is right by definition: top-1 1.0
+    return prep, val, labels, folder
+
+
+def test_sqnr() -> None:
+    ref = np.ones((4, 3), np.float32)
+    assert sqnr_db(ref, ref) > 300
+    assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0, abs=1e-3)  # noise 0.1 of the signal: 20 dB
+
+
+def test_fragile_node_ranks_first(prepared) -> None:
+    prep, val, labels, folder = prepared
+    assert prep.nodes == ["conv_a", "conv_b", "gap", "gemm"]
+    table = analyse(prep, val, labels, folder / "analyse")
+    assert table["fp32"]["top1"] == 1.0
+    assert table["int8"]["top1"] < 0.9  # plain int8 is visibly broken
+    first = table["nodes"][0]
+    assert first["node"] == "conv_a" and first["rank"] == 1
+    assert first["fp32_only"]["top1"] > table["int8"]["top1"] + 0.1  # keeping it in fp32 gives accuracy back
+    others = [r["quantized_only"]["sqnr_db"] for r in table["nodes"][1:]]
+    assert first["quantized_only"]["sqnr_db"] < min(others)
+
+
+def test_fallback_stops_within_budget(prepared) -> None:
+    prep, val, labels, folder = prepared
+    timed: list[Path] = []
+    result = fallback_search(
+        prep, ["conv_a", "conv_b", "gap", "gemm"], val, labels, 0.05, folder / "fb", max_nodes=4,
+        latency=lambda p: timed.append(p) or {"p50_ms": 1.0},
+    )  # fmt: skip
+    steps = result["steps"]
+    assert result["within_budget"] and result["chosen"] == steps[-1]["step"]
+    assert steps[0]["excluded"] == [] and steps[0]["val_top1"] < 1.0 - 0.05
+    assert steps[-1]["val_top1"] >= 1.0 - 0.05
+    assert len(steps) < 5 and len(timed) == len(steps) and steps[-1]["p50_ms"] == 1.0
+    chosen = onnx.load(result["model"])
+    conv_a = next(n for n in chosen.graph.node if n.name == "conv_a")
+    assert not any(i.endswith("_DequantizeLinear_Output") for i in conv_a.input)  # fp32 weights and input
+
+
+def test_no_budget_met_picks_the_best_step(prepared, tmp_path: Path) -> None:
+    prep, val, labels, _ = prepared
+    result = fallback_search(prep, ["gemm", "gap"], val, labels, 0.0, tmp_path, max_nodes=1)
+    assert not result["within_budget"] and len(result["steps"]) == 2
+    best = max(s["val_top1"] for s in result["steps"])
+    assert result["steps"][result["chosen"]]["val_top1"] == best
+
+
+def test_only_and_exclude_select_nodes(prepared, tmp_path: Path) -> None:
+    prep, *_ = prepared
+    only = onnx.load(str(quantize(prep, tmp_path / "only.onnx", only=["gemm"])))
+    q_consumers = {n.name for n in only.graph.node if any("DequantizeLinear" in i for i in n.input)}
+    assert "gemm" in q_consumers and "conv_a" not in q_consumers
