@@ -193,3 +193,47 @@ def fallback_search(
     chosen = steps[-1]["step"] if within else max(steps, key=lambda s: (s["val_top1"], -s["step"]))["step"]
     return {"budget": budget, "fp32_top1": fp32_top1, "steps": steps, "chosen": chosen, "within_budget": within,
             "model": str(folder / f"fallback-{chosen}.onnx")}  # fmt: skip
+
+
+def step_latency(input_shape: Sequence[int], threads: int = 1) -> Callable[[Path], dict[str, float]]:
+    """A quick batch-1 latency probe for :func:`fallback_search` (the edge runner's timing loop, in process)."""
+    from kdpipe.edge.runner import measure_cell
+
+    def probe(path: Path) -> dict[str, float]:
+        (cell,) = measure_cell(str(path), list(input_shape), [1], threads=threads, warmup=5, min_runs=60,
+                               min_seconds=0.3, max_seconds=3.0, rounds=3)  # fmt: skip
+        return {"p50_ms": cell["p50_ms"], "p90_ms": cell["p90_ms"]}
+
+    return probe
+
+
+def make_int8_fallback(
+    src: Path,
+    dst: Path,
+    calibration: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    budget: float,
+    max_nodes: int,
+    work: Path,
+    method: str = "minmax",
+    per_channel: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Static int8 with the fewest nodes left in fp32 that keeps val top-1 within ``budget`` of fp32.
+
+    Returns the quantisation info for the report: calibration settings, the sensitivity table, the fallback steps
+    (exclusions, val top-1, SQNR, batch-1 latency) and the chosen step.
+    """
+    import shutil
+
+    prep = prepare(src, calibration, Path(work) / "prepared", method, per_channel)
+    table = analyse(prep, val_images, val_labels, Path(work) / "analyse", log)
+    ranking = [row["node"] for row in table["nodes"]]
+    probe = step_latency(val_images.shape[1:])
+    search = fallback_search(prep, ranking, val_images, val_labels, budget, Path(work) / "fallback", max_nodes,
+                             latency=probe, log=log)  # fmt: skip
+    shutil.copyfile(search.pop("model"), dst)
+    chosen = search["steps"][search["chosen"]]
+    return {"calibration_samples": prep.calibration_samples, "method": method, "per_channel": per_channel,
+            "excluded": chosen["excluded"], "sensitivity": table, "fallback": search}  # fmt: skip

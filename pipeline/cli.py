@@ -268,11 +268,20 @@ model_option = click.option(
 @click.option("-o", "--output", required=True, type=click.Path(), help="A new folder, or a FILE.tar.gz.")
 @config_option
 @model_option
-def bundle(output: str, config_path: str, model_names: tuple[str, ...]) -> None:
+@click.option(
+    "--tune-session/--no-tune-session",
+    default=True,
+    show_default=True,
+    help="Tune the recommended model's ONNX Runtime session (threads, optimisation level, execution mode) here "
+    "and ship it as MODEL.session.json, which the runner applies.",
+)
+def bundle(output: str, config_path: str, model_names: tuple[str, ...], tune_session: bool) -> None:
     """Write an edge bundle of the last run: ONNX files, samples, a numpy+onnxruntime runner and its spec."""
     from kdpipe.edge.bundle import make_bundle
 
-    out = make_bundle(_load(config_path, (), ("output_dir",)), Path(output), list(model_names) or None)
+    out = make_bundle(
+        _load(config_path, (), ("output_dir",)), Path(output), list(model_names) or None, tune=tune_session
+    )
     click.echo(f"bundle: {out}  (on the device: python3 runner.py spec.json --out results.json)")
 
 

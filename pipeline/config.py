@@ -269,7 +269,9 @@ class FeaturesConfig(Section):
 
 
 DistillMethod = Literal["simkd", "kd", "fitnet", "scratch"]  # = DISTILLERS' names (a test keeps them equal)
-Variant = Literal["optimized", "fp16", "int8_dynamic", "int8_static"]  # = exporters.variants.VARIANTS' names
+Variant = Literal[
+    "optimized", "fp16", "int8_dynamic", "int8_static", "int8_fallback", "qad_int8"
+]  # = exporters.variants.VARIANTS' names
 
 
 class KDConfig(Section):
@@ -335,10 +337,34 @@ class ParityConfig(Section):
     min_top1_agreement: float = Field(0.999, ge=0, le=1, description="Smallest allowed top-1 agreement.")
 
 
+class QADConfig(Section):
+    epochs: int = Field(2, gt=0, description="qad_int8: fine-tuning epochs under fake quantisation.")
+    lr: float = Field(0.002, gt=0, description="qad_int8: peak learning rate (SGD, cosine); far below distill's.")
+    batch_size: int = Field(128, gt=0, description="qad_int8: images per step.")
+    weight_decay: float = Field(5e-5, ge=0, description="qad_int8: weight decay.")
+    seed: int = Field(0, description="qad_int8: seed of shuffling and augmentation.")
+
+
 class QuantizationConfig(Section):
-    calibration_samples: int = Field(256, gt=0, description="Training images (not test) that calibrate int8_static.")
+    calibration_samples: int = Field(
+        256, gt=0, description="Training images (not test) that calibrate int8_static, int8_fallback and qad_int8."
+    )
     method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Calibration method.")
     per_channel: bool = Field(True, description="Per-channel weight quantisation.")
+    accuracy_budget: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="int8_fallback: largest val top-1 loss against fp32; the most sensitive nodes stay in fp32 "
+        "one at a time until the int8 model is within it.",
+    )
+    sensitivity_samples: int = Field(
+        2000, gt=0, description="int8_fallback: validation images (never test) the per-node sensitivity is measured on."
+    )
+    max_fallback_nodes: int = Field(
+        24, ge=1, description="int8_fallback: give up after leaving this many nodes in fp32 (then the best step wins)."
+    )
+    qad: QADConfig = Field(default_factory=QADConfig, description="qad_int8 (quantisation-aware distillation).")
 
 
 class ExportConfig(Section):
@@ -349,9 +375,14 @@ class ExportConfig(Section):
     variants: list[Variant] = Field(
         default_factory=list,
         description="Deployment variants of the student, each re-validated on the test split: ONNX Runtime "
-        "graph-optimised fp32, fp16, int8 dynamic, int8 static (QDQ, calibrated).",
+        "graph-optimised fp32, fp16 (fp16 weights; ORT's CPU provider computes it in fp32), int8 dynamic, int8 static "
+        "(QDQ, calibrated), int8_fallback (static int8 with the most sensitive nodes in fp32 within "
+        "quantization.accuracy_budget), qad_int8 (static int8 of the student fine-tuned with quantisation-aware "
+        "distillation).",
     )
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="int8_static settings.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="int8_static, int8_fallback and qad_int8 settings."
+    )
     bundle_samples: int = Field(
         64, ge=0, description="Test images saved with expected logits (samples.npz) for on-device parity checks."
     )

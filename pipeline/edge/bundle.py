@@ -120,8 +120,29 @@ def _write_samples(src: Path, dst: Path, names: list[str]) -> None:
         np.savez(f, **keep)
 
 
+def tune_recommended(cfg: LoadedConfig, report: dict[str, Any], files: dict[str, str]) -> dict[str, Any] | None:
+    """Tune the session of the report's recommended model (when the bundle holds it) on this machine and write
+    ``MODEL.session.json`` beside it in the output folder; returns the tuning record, or None."""
+    from kdpipe.edge.session_tuning import tune_session, write_session
+
+    name = (report.get("deployment") or {}).get("recommended")
+    if name not in files:
+        return None
+    bench = cfg.config.benchmark
+    timing = {"warmup": bench.warmup, "min_runs": bench.min_runs, "min_seconds": bench.min_seconds,
+              "max_seconds": bench.max_seconds, "rounds": bench.rounds}  # fmt: skip
+    shape = (report.get("dataset") or {}).get("input_shape")
+    providers = [p for p in bench.providers if p != "available"] or None
+    tuned = tune_session(cfg.output_dir / files[name], list(shape), providers=providers, timing=timing)
+    write_session(cfg.output_dir / files[name], tuned)
+    return {"model": name, **tuned}
+
+
 def populate(cfg: LoadedConfig, report: dict[str, Any], files: dict[str, str], dest: Path) -> None:
-    """Write every file of the bundle into the existing, empty folder ``dest``."""
+    """Write every file of the bundle into the existing, empty folder ``dest`` (with each model's tuned session
+    settings, ``MODEL.session.json``, where the output folder has them)."""
+    from kdpipe.edge.runner import session_path
+
     src_dir = cfg.output_dir
     for name, file in files.items():
         if not (src_dir / file).is_file():
@@ -135,6 +156,10 @@ def populate(cfg: LoadedConfig, report: dict[str, Any], files: dict[str, str], d
     for name, file in files.items():
         shutil.copyfile(src_dir / file, dest / file)
         entries[name] = {"file": file, "bytes": (dest / file).stat().st_size, "sha256": sha256_file(dest / file)}
+        session = Path(session_path(str(src_dir / file)))
+        if session.is_file():
+            shutil.copyfile(session, dest / session.name)
+            entries[name]["session"] = session.name
     if samples:
         _write_samples(src_dir / SAMPLES, dest / SAMPLES, list(files))
     shutil.copyfile(runner, dest / RUNNER)
@@ -187,8 +212,10 @@ def _write_archive(built: Path, out: Path) -> None:
             tar.add(path, arcname=f"{top}/{path.name}", recursive=False)
 
 
-def make_bundle(cfg: LoadedConfig, out: Path, models: list[str] | None = None) -> Path:
+def make_bundle(cfg: LoadedConfig, out: Path, models: list[str] | None = None, tune: bool = False) -> Path:
     """Write an edge bundle of the last run to ``out`` (a folder, or a .tar.gz file) and return ``out``.
+
+    ``tune``: first tune the recommended model's ONNX Runtime session here (:func:`tune_recommended`).
 
     Raises:
         UsageError: no report, an unknown model name, a missing model file, or an ``out`` that cannot be used.
@@ -196,6 +223,8 @@ def make_bundle(cfg: LoadedConfig, out: Path, models: list[str] | None = None) -
     out = Path(out).expanduser().absolute()
     report = load_report(cfg)
     files = select_models(report, models)
+    if tune:
+        tune_recommended(cfg, report, files)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built beside `out` so that the final rename stays on one file system.
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

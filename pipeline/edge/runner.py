@@ -10,6 +10,10 @@ SPEC.json names the models (paths relative to the spec's folder), ``input_shape`
 ``max_seconds``, ``rounds``, ``seed``) and optionally ``samples``: an .npz with ``images`` and ``expected_<model>``
 logits, checked on the CPU provider as a parity test on the device.
 
+A model with a tuned session beside it (``MODEL.session.json``, written by ``kdpipe bundle``: intra/inter-op
+threads, graph optimisation level, execution mode) is opened with those settings everywhere, its cells measured
+at the tuned thread count instead of the spec's ``threads`` grid; each result says which ``session`` it ran with.
+
 Each (model, provider, threads) cell is measured in a child process (this file re-run with a hidden ``--cell``), so
 that every model gets its own peak-RSS figure; ``--no-isolate`` measures everything in this process instead.
 Results go to ``--out`` (or stdout) as JSON, schema ``kdpipe.bench/1``; a short table goes to stderr unless
@@ -36,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 TIMING_KEYS = ("warmup", "min_runs", "min_seconds", "max_seconds", "rounds", "seed")
 PARITY_BATCH = 64
+SESSION_SUFFIX = ".session.json"
+LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+MODES = ("ORT_SEQUENTIAL", "ORT_PARALLEL")
 
 
 class SpecError(Exception):
@@ -63,14 +70,49 @@ def peak_rss_mb() -> float | None:
     return peak / 2.0**20 if sys.platform == "darwin" else peak / 1024.0
 
 
-def open_session(path: str, provider: str, threads: int) -> Any:
-    """An InferenceSession with the benchmark's options; an unloadable file is bad input."""
+def session_path(model_path: str) -> str:
+    """Where a model's tuned session settings live: beside it, ``NAME.session.json`` for ``NAME.onnx``."""
+    base = model_path[: -len(".onnx")] if model_path.endswith(".onnx") else model_path
+    return base + SESSION_SUFFIX
+
+
+def load_session(model_path: str) -> dict[str, Any] | None:
+    """The tuned session settings beside ``model_path``, validated; None when there are none."""
+    path = session_path(model_path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SpecError(f"cannot read session settings {path}: {exc}") from None
+    checks = {
+        "intra_op_num_threads": lambda v: type(v) is int and v >= 1,
+        "inter_op_num_threads": lambda v: type(v) is int and v >= 1,
+        "graph_optimization_level": lambda v: v in LEVELS,
+        "execution_mode": lambda v: v in MODES,
+    }
+    if not isinstance(raw, dict):
+        raise SpecError(f"session settings {path}: expected a JSON object")
+    for key, ok in checks.items():
+        if key not in raw or not ok(raw[key]):
+            raise SpecError(f"session settings {path}: '{key}' is missing or invalid: {raw.get(key)!r}")
+    return {key: raw[key] for key in checks}
+
+
+def open_session(path: str, provider: str, threads: int, session: dict[str, Any] | None = None) -> Any:
+    """An InferenceSession with the benchmark's options, or ``session``'s tuned ones; an unloadable file is bad
+    input."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if session:
+        options.intra_op_num_threads = session["intra_op_num_threads"]
+        options.inter_op_num_threads = session["inter_op_num_threads"]
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, session["graph_optimization_level"])
+        options.execution_mode = getattr(ort.ExecutionMode, session["execution_mode"])
     try:
         session = ort.InferenceSession(path, sess_options=options, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -129,6 +171,7 @@ def measure_cell(
     max_seconds: float = 20.0,
     rounds: int = 10,
     seed: int = 0,
+    session: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark one model on one provider and thread count, in this process: one result dict per batch size.
 
@@ -142,7 +185,10 @@ def measure_cell(
     import numpy as np
 
     t0 = time.perf_counter_ns()
-    session = open_session(path, provider, threads)
+    if session:
+        threads = session["intra_op_num_threads"]
+    settings = session
+    session = open_session(path, provider, threads, settings)
     create_ms = (time.perf_counter_ns() - t0) / 1e6
     spec_input = session.get_inputs()[0]
     rounds = max(1, rounds)
@@ -170,7 +216,7 @@ def measure_cell(
             "first_run_ms": first_ms,
         }  # fmt: skip
         result.update(summarize([ns / 1e6 for ns in all_ns], bs))
-        result.update({"rounds": rounds, "round_p50_ms": round_p50, "peak_rss_mb": peak_rss_mb()})
+        result.update({"rounds": rounds, "round_p50_ms": round_p50, "peak_rss_mb": peak_rss_mb(), "session": settings})
         results.append(result)
     return results
 
@@ -213,6 +259,7 @@ def load_spec(spec_path: Path) -> dict[str, Any]:
     for name, path in spec["models"].items():
         if not os.path.isfile(path):
             raise SpecError(f"model '{name}': file not found: {path}")
+    spec["sessions"] = {name: s for name, s in ((n, load_session(p)) for n, p in spec["models"].items()) if s}
     if spec["samples"] is not None:
         spec["samples"] = str(base / str(spec["samples"]))
         if not os.path.isfile(spec["samples"]):
@@ -241,7 +288,7 @@ def check_samples(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         expected = arrays.get(f"expected_{name}")
         if expected is None:
             continue
-        session = open_session(path, "CPUExecutionProvider", spec["threads"][0])
+        session = open_session(path, "CPUExecutionProvider", spec["threads"][0], spec["sessions"].get(name))
         feed_name = session.get_inputs()[0].name
         outputs = [
             session.run(None, {feed_name: images[i : i + PARITY_BATCH]})[0] for i in range(0, len(images), PARITY_BATCH)
@@ -289,10 +336,12 @@ def run_spec(spec_path: Path, isolate: bool = True) -> dict[str, Any]:
     settings = {key: spec[key] for key in TIMING_KEYS}
     results: list[dict[str, Any]] = []
     for name, path in spec["models"].items():
+        session = spec["sessions"].get(name)
         for provider in spec["providers"]:
-            for threads in spec["threads"]:
+            for threads in [session["intra_op_num_threads"]] if session else spec["threads"]:
                 cell = dict(settings, path=path, input_shape=spec["input_shape"], batch_sizes=spec["batch_sizes"],
-                            provider=provider, threads=threads, model=name, file=spec["files"][name])  # fmt: skip
+                            provider=provider, threads=threads, model=name, file=spec["files"][name],
+                            session=session)  # fmt: skip
                 results += run_isolated(cell) if isolate else measure_cell(**cell)
     host = {
         "hostname": platform.node(), "platform": platform.platform(), "machine": platform.machine(),

@@ -27,7 +27,7 @@ MODELS = {"student": 0, "teacher": 1}  # name -> torch seed
 RESULT_KEYS = {
     "model", "file", "provider", "threads", "batch_size", "session_create_ms", "first_run_ms", "runs", "mean_ms",
     "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "throughput_ips", "rounds", "round_p50_ms",
-    "peak_rss_mb",
+    "peak_rss_mb", "session",
 }  # fmt: skip
 FAST = {"batch_sizes": [1, 3], "threads": [1], "warmup": 1, "min_runs": 4, "min_seconds": 0, "rounds": 2}
 
@@ -111,6 +111,7 @@ def check_document(doc: dict) -> None:
         assert r["throughput_ips"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"])
         assert r["session_create_ms"] > 0 and r["first_run_ms"] > 0
         assert r["peak_rss_mb"] > 0
+        assert r["session"] is None  # no tuned session beside these models
     assert set(doc["samples_check"]) == set(MODELS)
     for check in doc["samples_check"].values():
         assert check["samples"] == 70
@@ -204,3 +205,60 @@ def test_runs_with_only_numpy_and_onnxruntime(bundle: Path, tmp_path: Path, bare
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     check_document(json.loads(out.read_text()))
+
+
+TUNED = {"intra_op_num_threads": 2, "inter_op_num_threads": 2, "graph_optimization_level": "ORT_ENABLE_BASIC",
+         "execution_mode": "ORT_PARALLEL"}  # fmt: skip
+
+
+def test_tuned_session_beside_the_model_is_applied(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    (bundle / "student.session.json").write_text(json.dumps({**TUNED, "p50_ms": 0.1}))
+    opened: dict[str, ort.SessionOptions] = {}
+    real = ort.InferenceSession
+
+    def spy(path: str, sess_options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+        opened[Path(path).name] = sess_options
+        return real(path, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    doc = edge_runner.run_spec(write_spec(bundle, threads=[1, 3]), isolate=False)
+    options = opened["student.onnx"]
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 2
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert opened["teacher.onnx"].graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    student = [r for r in doc["results"] if r["model"] == "student"]
+    assert {r["threads"] for r in student} == {2} and all(r["session"] == TUNED for r in student)
+    teacher = [r for r in doc["results"] if r["model"] == "teacher"]
+    assert {r["threads"] for r in teacher} == {1, 3} and all(r["session"] is None for r in teacher)
+
+
+def test_isolated_cells_apply_the_session_too(bundle: Path) -> None:
+    (bundle / "student.session.json").write_text(json.dumps(TUNED))
+    out = bundle / "results.json"
+    proc = run_runner(write_spec(bundle), "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    student = [r for r in json.loads(out.read_text())["results"] if r["model"] == "student"]
+    assert student and all(r["threads"] == 2 and r["session"] == TUNED for r in student)
+
+
+def test_bad_session_file_is_bad_input(bundle: Path) -> None:
+    (bundle / "student.session.json").write_text(json.dumps({**TUNED, "execution_mode": "FAST"}))
+    proc = run_runner(write_spec(bundle))
+    assert proc.returncode == 2
+    assert "student.session.json" in proc.stderr and "execution_mode" in proc.stderr
+
+
+def test_tuned_session_round_trip(bundle: Path) -> None:
+    """Really tune (tiny timing), write student.session.json, and the runner measures with what was chosen."""
+    from kdpipe.edge.session_tuning import tune_session, write_session
+
+    timing = {"warmup": 1, "min_runs": 4, "min_seconds": 0, "rounds": 3}
+    tuned = tune_session(bundle / "student.onnx", list(INPUT_SHAPE), threads=[1], timing=timing)
+    assert len(tuned["candidates"]) == 6 and all(c["p50_ms"] > 0 for c in tuned["candidates"])
+    write_session(bundle / "student.onnx", tuned)
+    doc = edge_runner.run_spec(write_spec(bundle), isolate=False)
+    chosen = {k: v for k, v in tuned["session"].items() if k != "provider"}
+    assert all(r["session"] == chosen for r in doc["results"] if r["model"] == "student")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kdpipe.exporters.sensitivity import analyse, fallback_search, prepare, quantize, sqnr_db
+from kdpipe.exporters.sensitivity import analyse, fallback_search, make_int8_fallback, prepare, quantize, sqnr_db
 from kdpipe.exporters.variants import evaluate_onnx
 
 SCALE = 1000.0  # input channel 0 spans ±SCALE, channel 1 ±1: one uint8 range for both erases channel 1
@@ -118,3 +118,16 @@ def test_only_and_exclude_select_nodes(prepared, tmp_path: Path) -> None:
     only = onnx.load(str(quantize(prep, tmp_path / "only.onnx", only=["gemm"])))
     q_consumers = {n.name for n in only.graph.node if any("DequantizeLinear" in i for i in n.input)}
     assert "gemm" in q_consumers and "conv_a" not in q_consumers
+
+
+def test_make_int8_fallback_writes_the_chosen_model(tmp_path: Path) -> None:
+    src = fragile_model(tmp_path / "fp32.onnx")
+    val = images(120, 3)
+    labels = evaluate_onnx(src, val).argmax(1)
+    info = make_int8_fallback(src, tmp_path / "fb.onnx", images(64, 1), val, labels, 0.05, 3, tmp_path / "work")
+    assert info["excluded"][0] == "conv_a" and info["fallback"]["within_budget"]
+    assert info["sensitivity"]["nodes"][0]["node"] == "conv_a"
+    assert all(s["p50_ms"] > 0 for s in info["fallback"]["steps"])
+    test = images(100, 4)
+    agree = evaluate_onnx(tmp_path / "fb.onnx", test).argmax(1) == evaluate_onnx(src, test).argmax(1)
+    assert agree.mean() >= 0.9
