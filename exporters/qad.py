@@ -62,9 +62,12 @@ class ActQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, QMIN, QMAX)
 
 
-def quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 fake quantisation (axis 0), as ORT quantises Conv/Gemm weights."""
+def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric int8 fake quantisation per output channel (axis 0), as ORT quantises Conv/Gemm weights, or with
+    one scale for the whole tensor (``per_channel=False``, ORT's ``per_channel: false``)."""
     absmax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+    if not per_channel:
+        absmax = absmax.max().expand(w.shape[0])
     scale = torch.where(absmax > 0, absmax / WMAX, torch.ones_like(absmax)).float()
     zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
     return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -WMAX, WMAX)
@@ -82,30 +85,42 @@ def fold(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, bn: nn.Batch
 class QuantConv(nn.Module):
     """Conv2d (+ the BatchNorm after it), computed as ORT's QLinearConv would: quantised in, weights and out."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act_high: float | None) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act_high: float | None, per_channel: bool = True
+    ) -> None:
         super().__init__()
-        self.conv, self.bn = conv, bn
+        self.conv, self.bn, self.per_channel = conv, bn, per_channel
         self.input_quant = ActQuant()
         self.output_quant = ActQuant(0.0, act_high) if act_high is not None else ActQuant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = fold(self.conv.weight, self.conv.bias, self.bn)
         c = self.conv
-        y = F.conv2d(self.input_quant(x), quantize_weight(weight), bias, c.stride, c.padding, c.dilation, c.groups)
+        y = F.conv2d(
+            self.input_quant(x),
+            quantize_weight(weight, self.per_channel),
+            bias,
+            c.stride,
+            c.padding,
+            c.dilation,
+            c.groups,
+        )
         return self.output_quant(y)
 
 
 class QuantLinear(nn.Module):
     """Linear as ORT's quantised Gemm: uint8 input and output, per-channel int8 weights."""
 
-    def __init__(self, linear: nn.Linear, act_high: float | None) -> None:
+    def __init__(self, linear: nn.Linear, act_high: float | None, per_channel: bool = True) -> None:
         super().__init__()
-        self.linear = linear
+        self.linear, self.per_channel = linear, per_channel
         self.input_quant = ActQuant()
         self.output_quant = ActQuant(0.0, act_high) if act_high is not None else ActQuant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_quant(F.linear(self.input_quant(x), quantize_weight(self.linear.weight), self.linear.bias))
+        return self.output_quant(
+            F.linear(self.input_quant(x), quantize_weight(self.linear.weight, self.per_channel), self.linear.bias)
+        )
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -125,7 +140,7 @@ def _activation(node: fx.Node | None, modules: dict[str, nn.Module]) -> float | 
     return None
 
 
-def attach(model: nn.Module) -> list[str]:
+def attach(model: nn.Module, per_channel: bool = True) -> list[str]:
     """Swap ``model``'s Conv2d(+BN)/Linear modules in place for fake-quantised ones; returns the swapped names.
 
     The model is traced with torch.fx only to find which BatchNorm and activation follow each layer; the swap
@@ -148,7 +163,10 @@ def attach(model: nn.Module) -> list[str]:
         if bn is not None:
             model.set_submodule(bn_name, nn.Identity())
             # the Identity takes the BN's place in the model; its statistics live on inside the QuantConv
-        quant = QuantConv(layer, bn, high) if isinstance(layer, nn.Conv2d) else QuantLinear(layer, high)
+        if isinstance(layer, nn.Conv2d):
+            quant: nn.Module = QuantConv(layer, bn, high, per_channel)
+        else:
+            quant = QuantLinear(layer, high, per_channel)
         quant.bn_name = bn_name if bn is not None else None  # type: ignore[assignment]
         model.set_submodule(node.target, quant)
         swapped.append(node.target)

@@ -48,6 +48,13 @@ def run_runner(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     return json.loads(out_path.read_text())
 
 
+def computed_precisions(models: dict[str, str], providers: list[str]) -> dict[str, dict[str, Any]]:
+    """{model: {provider: what ORT computes it in there}} read from each provider's optimized graph."""
+    from kdpipe.exporters.precision import safe_precision
+
+    return {name: {p: safe_precision(Path(path), p) for p in providers} for name, path in models.items()}
+
+
 def pytorch_latency(ctx: StageContext, batch_sizes: list[int], threads: int) -> dict[str, dict[str, Any]]:
     """Eager PyTorch latency of teacher and student (same timing rules as the ONNX cells, one round)."""
     import torch
@@ -75,7 +82,7 @@ def pytorch_latency(ctx: StageContext, batch_sizes: list[int], threads: int) -> 
 @STAGES.register()
 class BenchmarkStage(Stage):
     name = "benchmark"
-    version = 2
+    version = 3
     needs = ("export", "teacher", "distill")
     libraries = ("onnxruntime", "torch")
 
@@ -111,6 +118,12 @@ class BenchmarkStage(Stage):
         for name, cells in results.items():
             for batch, cell in cells.items():
                 ctx.log(f"benchmark {name} {batch}: p50 {cell['p50_ms']:.3f} ms, p90 {cell['p90_ms']:.3f} ms")
+        precision = computed_precisions(spec["models"], providers)
+        for name, by_provider in precision.items():
+            computes = (by_provider.get(headline_provider) or {}).get("computes_in")
+            if name.endswith("-fp16") and computes == "fp32":
+                ctx.log(f"benchmark {name}: {headline_provider} computes it in fp32 (fp16 weights upcast), "
+                        "so it is no faster than the fp32 student")  # fmt: skip
         speedup = {}
         if "teacher" in results and "student" in results:
             speedup = {b: results["teacher"][b]["p50_ms"] / results["student"][b]["p50_ms"] for b in results["student"]}
@@ -122,5 +135,6 @@ class BenchmarkStage(Stage):
             "results": results,
             "matrix": matrix,
             "speedup_p50": speedup,
+            "precision": precision,
             "pytorch": pytorch_latency(ctx, list(conf.batch_sizes), headline_threads) if conf.pytorch_reference else {},
         }

@@ -70,7 +70,7 @@ def finetune(
         split = split_model(teacher, info.example(), tspec["feature_node"], what="teacher.feature_node")
     device = pick_device(cfg.config.runtime.device)
     signals = OnlineTeacher(teacher, split, distiller.signals, device)
-    names = attach(student)
+    names = attach(student, conf.quantization.per_channel)
     calibrate(student, calibration)
     built = Built(model=student, trainable=student, spec=spec)
     torch.manual_seed(conf.quantization.qad.seed)
@@ -94,3 +94,18 @@ def finetune(
     detach(student, names)
     summary = {k: result[k] for k in ("best_val_top1", "best_epoch", "history", "images_per_second")}
     return student.eval(), {"method": method, "epochs": conf.quantization.qad.epochs, **summary}, fake_logits
+
+
+def qad_source(ctx: Any, calibration: Any, parity_images: Any, opset: int, exporter: str) -> tuple[Path, dict, Any]:
+    """Fine-tune with QAD and export the fine-tuned student to fp32 ONNX in the work folder: the source the
+    ``qad_int8`` variant quantises. Returns the file, the training summary and the fake-quant logits on
+    ``parity_images`` (numpy arrays in, as the export stage holds them)."""
+    import torch
+
+    from kdpipe.exporters.onnx_export import export_onnx
+
+    images = torch.from_numpy(parity_images)
+    student, summary, fake = finetune(ctx, torch.from_numpy(calibration), images, ctx.work_dir / "qad")
+    path = ctx.work_dir / "qad" / "student-qad.fp32.onnx"
+    export_onnx(student.float().eval(), path, images[:2].clone(), opset, exporter)
+    return path, summary, fake.numpy()

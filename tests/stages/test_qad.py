@@ -34,6 +34,7 @@ def test_weight_quantisation_is_per_channel_symmetric_127() -> None:
     q = quantize_weight(w)
     assert torch.allclose(q[0], torch.round(w[0] * 127) / 127)  # channel 0: scale 1/127
     assert q[1].abs().max() == pytest.approx(0.04)  # channel 1 keeps its own scale
+    assert torch.allclose(quantize_weight(w, per_channel=False)[1], torch.round(w[1] * 127) / 127)  # one scale
 
 
 def test_activation_range_includes_zero_and_clamps() -> None:
@@ -73,13 +74,14 @@ def test_attach_folds_bn_and_detach_restores(tmp_path: Path) -> None:
         assert torch.equal(model(x), fp32)
 
 
-def test_fake_quant_matches_ort_int8_kernels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fake_quant_matches_ort_int8_kernels(tmp_path: Path, per_channel: bool) -> None:
     torch.set_num_threads(1)
     model = tiny()
     cal, x = torch.randn(64, 1, 8, 8) * 2 + 0.5, torch.randn(256, 1, 8, 8) * 2 + 0.5
     export_onnx(model, tmp_path / "fp32.onnx", x[:2], 18, "dynamo")
-    make_int8_static(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cal.numpy())
-    names = attach(model)
+    make_int8_static(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cal.numpy(), per_channel=per_channel)
+    names = attach(model, per_channel)
     calibrate(model, cal)
     with torch.no_grad():
         fake = model(x).numpy()
@@ -88,7 +90,7 @@ def test_fake_quant_matches_ort_int8_kernels(tmp_path: Path) -> None:
     fp32 = evaluate_onnx(tmp_path / "fp32.onnx", x.numpy())
     to_fake, to_fp32 = compare(ort_int8, fake), compare(ort_int8, fp32)
     # the fake-quant model predicts ORT's int8 output much better than the fp32 model does
-    assert to_fake["mean_abs_diff"] < 0.6 * to_fp32["mean_abs_diff"]
+    assert to_fake["mean_abs_diff"] < 0.75 * to_fp32["mean_abs_diff"]  # the rest: ORT's integer requantisation
     assert to_fake["top1_agreement"] >= 0.99
     precision = computed_precision(tmp_path / "int8.onnx")
     assert precision["computes_in"] == "int8" and precision["nodes"]["int8"] >= 3  # QLinearConv ×2, QGemm
