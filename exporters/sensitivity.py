@@ -26,7 +26,16 @@ from onnxruntime.quantization.calibrate import save_tensors_data
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from kdpipe.exporters.variants import CALIBRATION_METHODS, _calibrate, _pre_process, _quiet_ort, evaluate_onnx
+from kdpipe.exporters.variants import (
+    CALIBRATION_METHODS,
+    VARIANTS,
+    Variant,
+    VariantInputs,
+    _calibrate,
+    _pre_process,
+    _quiet_ort,
+    evaluate_onnx,
+)
 
 #: op types whose sensitivity is analysed: the ones that compute (weights or arithmetic). Data-movement ops
 #: (Relu, Reshape, MaxPool…) are still quantised; they only pass their neighbours' scales on.
@@ -233,7 +242,28 @@ def make_int8_fallback(
     probe = step_latency(val_images.shape[1:])
     search = fallback_search(prep, ranking, val_images, val_labels, budget, Path(work) / "fallback", max_nodes,
                              latency=probe, log=log)  # fmt: skip
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(search.pop("model"), dst)
     chosen = search["steps"][search["chosen"]]
     return {"calibration_samples": prep.calibration_samples, "method": method, "per_channel": per_channel,
             "excluded": chosen["excluded"], "sensitivity": table, "fallback": search}  # fmt: skip
+
+
+@VARIANTS.register()
+class Int8Fallback(Variant):
+    """Static int8 with the most sensitive nodes left in fp32 until val top-1 is within the accuracy budget
+    (registered here, beside what it runs; ``kdpipe.exporters`` imports this module)."""
+
+    name = "int8_fallback"
+    calibrated = True
+
+    def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
+        import tempfile
+
+        if inputs.calibration is None or inputs.validation is None:
+            raise ValueError("variant 'int8_fallback' needs calibration images and validation images with labels")
+        with tempfile.TemporaryDirectory(prefix="kdpipe-fallback-") as tmp:
+            return make_int8_fallback(
+                src, dst, inputs.calibration, *inputs.validation, inputs.accuracy_budget, inputs.max_fallback_nodes,
+                inputs.work_dir or Path(tmp), inputs.method, inputs.per_channel, inputs.log or (lambda _: None),
+            )  # fmt: skip

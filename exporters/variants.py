@@ -13,10 +13,10 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -240,12 +240,18 @@ def make_int8_static(
 
 @dataclass(frozen=True)
 class VariantInputs:
-    """What a variant may need besides the fp32 model: calibration images and quantisation settings."""
+    """What a variant may need besides the fp32 model: calibration images and quantisation settings; for
+    int8_fallback also validation images and labels (never test), the accuracy budget and a work folder."""
 
     calibration: np.ndarray | None = None
     method: str = "minmax"
     per_channel: bool = True
     ranges_path: Path | None = None
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+    accuracy_budget: float = 0.005
+    max_fallback_nodes: int = 24
+    work_dir: Path | None = None
+    log: Callable[[str], None] | None = None
 
 
 class Variant(abc.ABC):
@@ -255,6 +261,9 @@ class Variant(abc.ABC):
 
     name: ClassVar[str]
     calibrated: ClassVar[bool] = False
+    #: which fp32 model it is made from: "student" (the exported student) or "qad" (the student fine-tuned by
+    #: quantisation-aware distillation, which the export stage trains first)
+    source: ClassVar[str] = "student"
 
     @abc.abstractmethod
     def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
@@ -305,6 +314,14 @@ class Int8Static(Variant):
         )  # fmt: skip
 
 
+@VARIANTS.register()
+class QadInt8(Int8Static):
+    """Static int8 of the QAD-fine-tuned student (``kdpipe.stages.qad``): same quantiser, better weights."""
+
+    name = "qad_int8"
+    source = "qad"
+
+
 def make_variant(
     name: str,
     src: Path,
@@ -313,6 +330,7 @@ def make_variant(
     method: str = "minmax",
     per_channel: bool = True,
     ranges_path: Path | None = None,
+    **extra: Any,
 ) -> dict:
     """Build variant ``name`` of ``src`` at ``dst``.
 
@@ -325,7 +343,7 @@ def make_variant(
     if name not in VARIANTS:
         raise ValueError(VARIANTS.unknown_message(name))
     info = VARIANTS.get(name)().build(
-        Path(src), Path(dst), VariantInputs(calibration, method, per_channel, ranges_path)
+        Path(src), Path(dst), VariantInputs(calibration, method, per_channel, ranges_path, **extra)
     )
     dst = Path(dst)
     return {"variant": name, "file": str(dst), "bytes": dst.stat().st_size, **info}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdpipe.config import LoadedConfig
 from kdpipe.stages.base import STAGES, Stage, StageContext
 from kdpipe.version import __version__
 
@@ -24,6 +25,12 @@ class ExportStage(Stage):
     after = ("validate",)  # accuracy is known before the export work starts
     uses_data = True
     libraries = ("torch", "onnx", "onnxruntime", "onnxscript")
+
+    def check(self, cfg: LoadedConfig) -> None:
+        if "qad_int8" in cfg.config.export.variants:
+            from kdpipe.stages.qad import check_method
+
+            check_method(cfg.config.distill.method, cfg.source)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from kdpipe.ml.data import normalize
@@ -89,23 +96,44 @@ class ExportStage(Stage):
         data, splits = ctx.data()
         reference = evaluate_onnx(ctx.out_dir / "student.onnx", test)
         expected = {"student": reference}
-        calibration = normalize(
-            data.train_x[splits.train_idx[: conf.quantization.calibration_samples]], data.mean, data.std
-        ).numpy()
+        q = conf.quantization
+        calibration = normalize(data.train_x[splits.train_idx[: q.calibration_samples]], data.mean, data.std).numpy()
+        sources, qad = {"student": ctx.out_dir / "student.onnx"}, None
+        if any(VARIANTS.get(v).source == "qad" for v in conf.variants):
+            from kdpipe.stages.qad import qad_source
+
+            ctx.log("export: quantisation-aware distillation of the student")
+            parity_images = test[: conf.parity.samples]
+            sources["qad"], summary, fake = qad_source(ctx, calibration, parity_images, conf.opset, conf.exporter)
+            qad = (summary, parity_images, fake)
+        # int8_fallback's sensitivity analysis and its stopping rule see validation images only, never test
+        validation = (
+            normalize(splits.val_x[: q.sensitivity_samples], data.mean, data.std).numpy(),
+            splits.val_y[: q.sensitivity_samples].numpy(),
+        )
         for variant in conf.variants:
             name = f"student-{variant}"
             path = ctx.out_dir / f"{name}.onnx"
-            calibrated = VARIANTS.get(variant).calibrated
+            kind = VARIANTS.get(variant)
             ctx.log(f"export {name}")
             info = make_variant(
                 variant,
-                ctx.out_dir / "student.onnx",
+                sources[kind.source],
                 path,
-                calibration=calibration if calibrated else None,
-                method=conf.quantization.method,
-                per_channel=conf.quantization.per_channel,
-                ranges_path=ctx.out_dir / f"{name}.ranges.json" if calibrated else None,
+                calibration=calibration if kind.calibrated else None,
+                method=q.method,
+                per_channel=q.per_channel,
+                ranges_path=ctx.out_dir / f"{name}.ranges.json" if kind.calibrated else None,
+                validation=validation,
+                accuracy_budget=q.accuracy_budget,
+                max_fallback_nodes=q.max_fallback_nodes,
+                work_dir=ctx.work_dir / name,
+                log=ctx.log,
             )
+            if kind.source == "qad" and qad:
+                summary, parity_images, fake = qad
+                parity = compare(evaluate_onnx(path, parity_images), fake)
+                info["qad"] = {**summary, "fake_quant_parity": {"samples": len(fake), **parity}}
             stamp_metadata(path, {**metadata, "role": name, "variant": variant})
             expected[name] = evaluate_onnx(path, test)
             result = compare(expected[name], reference, labels)

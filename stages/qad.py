@@ -51,14 +51,15 @@ def finetune(
     import torch
 
     from kdpipe.exporters.qad import attach, calibrate, detach
-    from kdpipe.ml.models import load_teacher, stage_data
+    from kdpipe.ml.device import pick_device
+    from kdpipe.ml.models import load_teacher
     from kdpipe.ml.split import split_model
-    from kdpipe.ml.training import fit, pick_device
+    from kdpipe.ml.training import fit
     from kdpipe.stages.distillers import DISTILLERS, Built, DataInfo, OnlineTeacher, load_student
 
     cfg = ctx.cfg
     conf = cfg.config.export
-    data, splits = stage_data(ctx)
+    data, splits = ctx.data()
     student, spec = load_student(ctx.inputs["distill"])
     method = spec.get("method", "simkd")
     check_method(method, cfg.source)
@@ -68,7 +69,7 @@ def finetune(
     split = None
     if "features" in distiller.signals:
         split = split_model(teacher, info.example(), tspec["feature_node"], what="teacher.feature_node")
-    device = pick_device(cfg.config.runtime.device)
+    device = pick_device(ctx.runtime.device)
     signals = OnlineTeacher(teacher, split, distiller.signals, device)
     names = attach(student, conf.quantization.per_channel)
     calibrate(student, calibration)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.fileio import atomic_write_text
+from kdpipe.reporting import quantization
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -354,6 +355,7 @@ def render_html(report: dict[str, Any]) -> str:
             text = ", ".join(f"{_fmt(v, '.2f')}× at batch {str(k).removeprefix('batch_')}" for k, v in speed.items())
             parts.append(f'<p class="note">Student speed-up over the teacher (p50): {_e(text)}.</p>')
     parts.append(gates_html)
+    parts.append(quantization.render_html(report))
     plots = [
         ("Accuracy vs latency", lambda: _pareto(models, batches)),
         ("Latency distributions", lambda: _latency(models, batches)),

@@ -13,6 +13,7 @@ from typing import Any
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import UsageError
 from kdpipe.fileio import atomic_write_text
+from kdpipe.reporting import quantization
 from kdpipe.version import __version__
 
 SCHEMA_VERSION = 1
@@ -137,6 +138,9 @@ def _attach_latency(models: dict[str, dict[str, Any]], bench: dict[str, Any]) ->
                 entry["single_stream_p90_ms"] = entry["latency"]["batch_1"]["p90_ms"]
         if name in (bench.get("pytorch") or {}):
             entry["pytorch_latency"] = bench["pytorch"][name]
+        headline = (bench.get("providers") or [None])[0]
+        if (bench.get("precision") or {}).get(name, {}).get(headline):
+            entry["precision"] = bench["precision"][name][headline]
     fp32 = models.get("student", {}).get("latency", {})
     for entry in models.values():
         if "variant" in entry and "latency" in entry:
@@ -253,5 +257,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts = [
         f"{n} " + ("cached" if s["cached"] else f"ran {s['seconds']:.1f}s") for n, s in report.get("stages", {}).items()
     ]
+    lines += quantization.render_markdown(report)
     lines += ["", "Stages: " + ", ".join(parts) + "."]
     return "\n".join(lines) + "\n"

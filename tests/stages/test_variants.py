@@ -93,7 +93,10 @@ def variants(fp32: dict) -> dict:
     for name in VARIANTS.names():
         dst = fp32["path"].parent / name / f"{name}.onnx"
         ranges = dst.with_suffix(".ranges.json") if name == "int8_static" else None
-        info = make_variant(name, fp32["path"], dst, calibration=fp32["calibration"], ranges_path=ranges)
+        info = make_variant(
+            name, fp32["path"], dst, calibration=fp32["calibration"], ranges_path=ranges,
+            validation=(fp32["images"], fp32["labels"]),  # int8_fallback's stopping rule (the stage passes val)
+        )  # fmt: skip
         out[name] = {"path": dst, "info": info, "ranges": ranges}
     return out
 

@@ -25,7 +25,7 @@ class SleepySession:
 
 def measured_report(monkeypatch: pytest.MonkeyPatch, ms: float) -> dict:
     """A report whose student latency is measured by the edge runner's own loop on a sleeping session."""
-    monkeypatch.setattr(edge_runner, "open_session", lambda path, provider, threads: SleepySession(ms))
+    monkeypatch.setattr(edge_runner, "open_session", lambda path, provider, threads, session=None: SleepySession(ms))
     (cell,) = edge_runner.measure_cell("student.onnx", (1, 4, 4), [1], warmup=1, min_runs=40, min_seconds=0.0,
                                        max_seconds=5.0, rounds=10)  # fmt: skip
     return {"models": {"student": {"accuracy": {"top1": 0.9}, "latency": {"batch_1": cell}}}}
