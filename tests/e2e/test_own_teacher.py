@@ -1,0 +1,174 @@
+"""Bring your own teacher and student, end to end on tiny synthetic data: timm CNNs of several families, a
+ViT teacher (token features), a user-code teacher; SimKD and KD distil, validate and export (parity checked).
+
+Every run shares one project folder and cache (session-scoped), so a teacher trains once however many
+tests use it. Images are 32×32, one epoch, 96 training images: the point is that it works, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe.cli import main
+from kdpipe.runner import run_pipeline
+from tests.conftest import deep_merge
+
+BASE = {
+    "data": {
+        "dataset": "synthetic",
+        "synthetic": {"num_classes": 4, "channels": 1, "image_size": 32, "train_size": 96, "test_size": 32},
+    },
+    "teacher": {"train": {"epochs": 1, "batch_size": 32}},
+    "distill": {"train": {"epochs": 1, "batch_size": 32}},
+    "export": {"parity": {"samples": 16}, "bundle_samples": 4, "teacher": False, "exporter": "torchscript"},
+    "runtime": {"threads": 1, "progress": False},
+}
+MODELS_PY = """
+from torch import nn
+
+
+def build_teacher(num_classes=4, in_channels=1, width=32):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+    )
+"""
+# (teacher section, how the teacher is cut for SimKD)
+TEACHERS = {
+    "resnet10t": ({"arch": "timm:resnet10t"}, "map"),
+    "mobilenetv3_small_050": ({"arch": "timm:mobilenetv3_small_050"}, "map"),
+    "efficientnet": ({"arch": "timm:test_efficientnet"}, "map"),
+    "convnext": ({"arch": "timm:test_convnext"}, "map"),
+    "regnetx_002": ({"arch": "timm:regnetx_002"}, "map"),
+    "vit": ({"arch": "timm:test_vit", "kwargs": {"patch_size": 8}}, "pre_logits"),
+    "user_code": ({"source": "python", "entrypoint": "models.py:build_teacher"}, "fx"),
+}
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("own_teacher")
+    (root / "models.py").write_text(MODELS_PY)
+    return root
+
+
+def run(project: Path, name: str, extra: dict, until: str = "export") -> dict:
+    path = project / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(BASE, extra)))
+    return run_pipeline(path, until=until, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("teacher", list(TEACHERS))
+def test_simkd_and_kd_from_each_teacher_distil_validate_and_export(project, teacher):
+    section, mode = TEACHERS[teacher]
+    report = run(
+        project,
+        f"simkd-{teacher}",
+        {"teacher": section, "distill": {"method": "simkd", "compare": ["kd"], "student": "timm:test_byobnet"}},
+    )
+    student = report["models"]["student"]
+    expected_arch = section.get("arch") or f"python:{project / 'models.py'}:build_teacher"
+    assert report["models"]["teacher"]["arch"] == expected_arch
+    assert student["method"] == "simkd"
+    metrics = json.loads(
+        (project / ".kdpipe" / "distill" / report["stages"]["distill"]["key"] / "metrics.json").read_text()
+    )
+    assert metrics["feature_modes"] == {"student": "map", "teacher": mode}
+    assert {row["method"] for row in report["comparison"]} == {"simkd", "kd"}
+    parity = student["onnx"]["parity"]
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
+    assert "top1" in student["accuracy"] and "agreement_with_teacher" in student["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("student", "kwargs"),
+    [
+        ("timm:resnet10t", {}),
+        ("timm:mobilenetv3_small_050", {}),
+        ("timm:test_efficientnet", {}),
+        ("timm:test_convnext", {}),
+        ("timm:regnetx_002", {}),
+        ("timm:test_vit", {"patch_size": 8}),
+    ],
+)
+def test_each_timm_model_is_a_kd_student_exported_as_one_graph(project, student, kwargs):
+    report = run(
+        project,
+        f"kd-{student.split(':')[1]}",
+        {
+            "teacher": TEACHERS["user_code"][0],
+            "distill": {"method": "kd", "student": student, "student_kwargs": kwargs},
+        },
+    )
+    onnx = report["models"]["student"]["onnx"]
+    assert onnx["parity"]["top1_agreement"] == 1.0 and onnx["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_a_vit_teacher_simkd_student_exports_with_dynamo_and_variants(project):
+    import onnx
+
+    report = run(
+        project,
+        "vit-dynamo",
+        {
+            "teacher": TEACHERS["vit"][0],
+            "distill": {"method": "simkd", "student": "timm:test_byobnet"},
+            "export": {"exporter": "dynamo", "variants": ["optimized", "int8_dynamic"]},
+        },
+    )
+    assert report["models"]["student"]["onnx"]["parity"]["top1_agreement"] == 1.0
+    for variant in ("student-optimized", "student-int8_dynamic"):
+        assert report["models"][variant]["accuracy"]["samples"] == 32
+    graph = onnx.load(project / "kdpipe-out" / "student.onnx")
+    assert len(graph.graph.input) == 1 and len(graph.graph.output) == 1
+
+
+def test_a_vit_student_exports_attention_gelu_and_layernorm(project):
+    import onnx
+
+    report = run(
+        project,
+        "vit-student",
+        {
+            "teacher": TEACHERS["user_code"][0],
+            "distill": {"method": "kd", "student": "timm:test_vit", "student_kwargs": {"patch_size": 8}},
+            "export": {"exporter": "dynamo", "opset": 18},
+        },
+    )
+    assert report["models"]["student"]["onnx"]["opset"] == 18
+    ops = {n.op_type for n in onnx.load(project / "kdpipe-out" / "student.onnx").graph.node}
+    assert {"Softmax", "LayerNormalization", "Erf", "MatMul"} <= ops  # attention, LayerNorm, exact GELU
+
+
+FAST = ["--set", "benchmark.min_seconds=0", "--set", "benchmark.min_runs=2", "--set", "benchmark.rounds=2",
+        "--set", "benchmark.warmup=1", "--set", "benchmark.batch_sizes=[1]", "--set", "runtime.progress=false",
+        "--set", "data.synthetic.train_size=128", "--set", "export.parity.samples=16"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "teacher",
+    [
+        '{source: python, entrypoint: "models.py:build_teacher", train: {epochs: 1}}',
+        '{source: train, arch: "timm:resnet10t", train: {epochs: 1}}',
+    ],
+    ids=["user_code", "timm"],
+)
+def test_the_issue_configs_run_from_the_cli(tmp_path, monkeypatch, teacher):
+    (tmp_path / "models.py").write_text(MODELS_PY)
+    (tmp_path / "pipeline.yaml").write_text(
+        "data: {dataset: synthetic}\n"
+        f"teacher: {teacher}\n"
+        'distill: {method: simkd, student: "timm:mobilenetv3_small_050", train: {epochs: 1}}\n'
+    )
+    monkeypatch.chdir(tmp_path.parent)  # not the config's folder: models.py resolves against the config
+    assert main(["run", "-c", str(tmp_path / "pipeline.yaml"), *FAST]) == 0
+    report = json.loads((tmp_path / "kdpipe-out" / "report.json").read_text())
+    assert report["models"]["teacher"]["arch"] == (
+        f"python:{(tmp_path / 'models.py').resolve()}:build_teacher" if "python" in teacher else "timm:resnet10t"
+    )
+    assert report["models"]["student"]["onnx"]["parity"]["top1_agreement"] == 1.0
