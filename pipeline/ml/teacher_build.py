@@ -92,3 +92,23 @@ def preprocessing_spec(
         return {"input_adapter": None, "preprocessing_source": "data"}
     mean, std, origin = found
     return {"input_adapter": adapter_spec(data_mean, data_std, mean, std), "preprocessing_source": origin}
+
+
+def check_model_ref(name: str, base: Path) -> bool:
+    """Check a ``timm:`` or ``python:`` name without building the model: the timm name exists, the user's
+    function imports. Returns False for other names (the caller builds those to check them).
+
+    Raises:
+        UsageError: an unknown timm name, or an entry point that cannot be found or imported.
+    """
+    if name.startswith(PYTHON_PREFIX):
+        from kdpipe.ml.entrypoints import load_callable
+
+        load_callable(parse_entrypoint(name[len(PYTHON_PREFIX) :], base))
+        return True
+    from kdpipe.ml.zoo.timm_models import TIMM_PREFIX, check_timm_name
+
+    if name.startswith(TIMM_PREFIX):
+        check_timm_name(name[len(TIMM_PREFIX) :])
+        return True
+    return False

@@ -172,3 +172,55 @@ def test_the_issue_configs_run_from_the_cli(tmp_path, monkeypatch, teacher):
         f"python:{(tmp_path / 'models.py').resolve()}:build_teacher" if "python" in teacher else "timm:resnet10t"
     )
     assert report["models"]["student"]["onnx"]["parity"]["top1_agreement"] == 1.0
+
+
+def test_fitnet_aligns_with_a_vit_teachers_pre_logits(project):
+    report = run(
+        project,
+        "vit-fitnet",
+        {"teacher": TEACHERS["vit"][0], "distill": {"method": "fitnet", "student": "timm:test_byobnet"}},
+        until="distill",
+    )
+    assert report["models"]["student"]["method"] == "fitnet"
+
+
+def test_a_student_bigger_than_its_teacher_fails_before_training_when_required(project):
+    from kdpipe.errors import ConfigError
+
+    extra = {
+        "teacher": TEACHERS["user_code"][0],
+        "distill": {"method": "simkd", "student": "timm:resnet10t", "require_smaller": True},
+    }
+    with pytest.raises(ConfigError) as info:
+        run(project, "too-big", extra, until="distill")
+    msg = str(info.value)
+    assert (
+        msg.startswith("distill.require_smaller: the deployable student has ") and "not fewer than the teacher's" in msg
+    )
+    assert "(body " in msg and "+ projector " in msg and info.value.exit_code == 2
+    assert not list((project / ".kdpipe" / "distill").glob("*/student.*"))  # nothing trained or committed
+
+
+def test_a_loaded_teacher_at_chance_is_refused_before_distilling(project):
+    import torch
+
+    from kdpipe.errors import ConfigError
+    from kdpipe.ml.weights import save_weights
+    from kdpipe.ml.zoo import create_model
+
+    model = create_model("timm:test_convnext", num_classes=4, in_channels=1)
+    with torch.no_grad():
+        model.get_classifier().weight.zero_()
+        model.get_classifier().bias.copy_(torch.tensor([9.0, 0, 0, 0]))  # always class 0: 25% on 4 classes
+    save_weights(model, project / "chance.safetensors")
+    extra = {"teacher": {"source": "checkpoint", "arch": "timm:test_convnext", "path": "chance.safetensors"}}
+    with pytest.raises(ConfigError) as info:
+        run(project, "chance", {**extra, "distill": {"method": "kd", "student": "timm:test_byobnet"}}, until="distill")
+    msg = str(info.value)
+    assert msg.startswith("teacher: the loaded teacher (checkpoint timm:test_convnext) scores ")
+    assert "normalisation" in msg and "timm pretrained_cfg" in msg and "\n" not in msg
+    extra["teacher"]["check_accuracy"] = False
+    report = run(
+        project, "chance-ok", {**extra, "distill": {"method": "kd", "student": "timm:test_byobnet"}}, "distill"
+    )
+    assert report["models"]["student"]["method"] == "kd"

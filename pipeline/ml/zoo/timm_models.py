@@ -22,7 +22,8 @@ from kdpipe.registry import UnknownNameError
 TIMM_PREFIX = "timm:"
 
 
-def _check_name(arch: str) -> None:
+def check_timm_name(arch: str) -> None:
+    """An unknown timm architecture is an error suggesting close names (nothing is built)."""
     import timm
 
     base = arch.split(".", 1)[0]  # "resnet10t.c3_in1k": a tag selects a pretrained config, not an architecture
@@ -57,7 +58,7 @@ def timm_model(
     """
     import timm
 
-    _check_name(arch)
+    check_timm_name(arch)
     kw = dict(kwargs or {})
     for key in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
         if key in kw:
