@@ -15,7 +15,8 @@ from kdpipe.ml.preprocessing import with_adapter
 from kdpipe.ml.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
 from kdpipe.ml.zoo import count_parameters, create_model  # noqa: F401 - re-exported
 
-TEACHER_STATE = "teacher.pt"
+TEACHER_STATE = "teacher.pt"  # teachers committed before safetensors (spec without "weights")
+TEACHER_WEIGHTS = "teacher.safetensors"
 TEACHER_SCRIPT = "teacher.ts"
 TEACHER_SPEC = "teacher.json"
 

@@ -18,6 +18,7 @@ from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
 from kdpipe.ml.models import frozen
 from kdpipe.ml.split import Split, split_model
+from kdpipe.ml.weights import load_weights
 from kdpipe.ml.zoo import count_parameters, create_model
 from kdpipe.registry import Registry
 
@@ -237,5 +238,5 @@ def load_student(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The deployable student committed by the distill stage, in eval mode, and its spec."""
     spec = json.loads((folder / STUDENT_SPEC).read_text())
     model = DISTILLERS.get(spec.get("method", "simkd")).rebuild(spec)
-    model.load_state_dict(torch.load(folder / STUDENT_STATE, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(folder / STUDENT_STATE, key="distill", source=str(folder)))
     return model.eval(), spec
