@@ -84,14 +84,19 @@ def build_teacher(cfg: LoadedConfig, num_classes: int, input_shape: tuple[int, .
 def preprocessing_spec(
     cfg: LoadedConfig, model: nn.Module, loaded: bool, data_mean: list[float], data_std: list[float]
 ) -> dict[str, Any]:
-    """Spec entries for the teacher's own normalisation: ``input_adapter`` (or None) and where it came from."""
+    """Spec entries for the teacher's own preprocessing: ``input_adapter`` (or None), where its mean/std came
+    from, and the input size its pretrained config names (``expected_input_size``, loaded weights only)."""
     from kdpipe.ml.preprocessing import adapter_spec, teacher_normalization
 
+    out: dict[str, Any] = {"input_adapter": None, "preprocessing_source": "data", "expected_input_size": None}
+    cfg_model = getattr(model, "pretrained_cfg", None)
+    if loaded and isinstance(cfg_model, dict) and cfg_model.get("input_size"):
+        out["expected_input_size"] = list(cfg_model["input_size"])[-2:]
     found = teacher_normalization(cfg.config.teacher, model, loaded, len(data_mean), cfg.resolve, cfg.source)
-    if found is None:
-        return {"input_adapter": None, "preprocessing_source": "data"}
-    mean, std, origin = found
-    return {"input_adapter": adapter_spec(data_mean, data_std, mean, std), "preprocessing_source": origin}
+    if found is not None:
+        mean, std, origin = found
+        out.update(input_adapter=adapter_spec(data_mean, data_std, mean, std), preprocessing_source=origin)
+    return out
 
 
 def check_model_ref(name: str, base: Path) -> bool:
