@@ -113,13 +113,25 @@ STAGES: Registry[type[Stage]] = Registry("stage")
 
 
 def check_model_name(cfg: LoadedConfig, key: str, name: str) -> None:
-    """A model name that builds: an unknown one is a ConfigError naming ``key``, before any stage runs."""
+    """A model name that builds: an unknown one is a ConfigError naming ``key``, before any stage runs.
+
+    ``timm:`` names are looked up without building the model; a ``python:`` entry point is resolved against
+    the config's folder and imported (not called).
+    """
+    from kdpipe.errors import UsageError
+    from kdpipe.ml.teacher_build import check_model_ref
     from kdpipe.ml.zoo import create_model
     from kdpipe.registry import UnknownNameError
 
     try:
+        if check_model_ref(name, cfg.base):
+            return
         create_model(name, num_classes=2, in_channels=1)
     except UnknownNameError as exc:
+        raise ConfigError(key, str(exc), cfg.source) from None
+    except UsageError as exc:
+        if isinstance(exc, ConfigError) or not name.startswith(("python:", "timm:")):
+            raise
         raise ConfigError(key, str(exc), cfg.source) from None
 
 

@@ -1,4 +1,5 @@
-"""teacher: train one from a recipe, or load a checkpoint, TorchScript file or torchvision architecture."""
+"""teacher: train one from a recipe, or load a checkpoint, TorchScript file, torchvision/timm architecture or a
+model built by the user's own code (``source: python``; see :mod:`kdpipe.ml.entrypoints`)."""
 
 from __future__ import annotations
 
@@ -15,37 +16,49 @@ from kdpipe.stages.base import STAGES, Stage, StageContext, check_model_name
 @STAGES.register()
 class TeacherStage(Stage):
     name = "teacher"
-    version = 1
+    version = 2
     uses_data = True
 
     def config(self, cfg: LoadedConfig) -> dict[str, Any]:
         section = super().config(cfg)
-        if cfg.config.teacher.source != "train":  # the recipe does not shape a loaded teacher
+        if not cfg.config.teacher.trains:  # the recipe does not shape a loaded teacher
             section["teacher"].pop("train")
             return section
         return self.training_config(cfg, section)
 
     def data_parallel(self, cfg: LoadedConfig) -> bool:
-        return cfg.config.teacher.source == "train"
+        return cfg.config.teacher.trains
 
     def check(self, cfg: LoadedConfig) -> None:
-        if cfg.config.teacher.source != "torchscript":
-            check_model_name(cfg, "teacher.arch", cfg.config.teacher.arch or "")
+        conf = cfg.config.teacher
+        if conf.source == "python":
+            check_model_name(cfg, "teacher.entrypoint", f"python:{conf.entrypoint}")
+        elif conf.source != "torchscript":
+            check_model_name(cfg, "teacher.arch", conf.arch or "")
 
     def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
-        conf = cfg.config.teacher
-        if conf.path and conf.source != "train":
+        """The weights file and a ``source: python`` teacher's source file: editing either rebuilds it."""
+        from kdpipe.ml.teacher_build import teacher_code
+
+        conf, out = cfg.config.teacher, {}
+        if conf.path and not conf.trains:
             path = cfg.resolve(conf.path)
             if not path.is_file():
                 raise ConfigError("teacher.path", f"file not found: {path}", cfg.source)
-            return {"teacher_file": memo.file(path)}
-        return {}
+            out["teacher_file"] = memo.file(path)
+        code = teacher_code(cfg)
+        if code is not None:
+            out["teacher_code"] = memo.file(code)
+        return out
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from kdpipe.ml.models import TEACHER_SPEC, TEACHER_STATE, check_classes, count_parameters
+        from kdpipe.ml.models import TEACHER_SPEC, TEACHER_WEIGHTS, check_classes, count_parameters
+        from kdpipe.ml.preprocessing import with_adapter
+        from kdpipe.ml.teacher_build import preprocessing_spec
         from kdpipe.ml.training import accuracy, predict
+        from kdpipe.ml.weights import save_weights
 
         conf = ctx.conf
         data, splits = ctx.data()
@@ -53,21 +66,32 @@ class TeacherStage(Stage):
         t0 = time.perf_counter()
         if conf.source == "torchscript":
             model = self.load_script(ctx)
+            spec["loaded"] = True
         else:
-            model = self.build(ctx)
-            if conf.source == "train":
+            built = self.build(ctx)
+            model = built.model
+            spec.update(arch=built.arch, kwargs=built.kwargs, loaded=built.loaded, weights=TEACHER_WEIGHTS)
+            metrics["arch"] = built.arch
+            if conf.trains:
                 result = self.train(ctx, model)
                 if result is None:  # a torchrun follower: rank 0 evaluates and saves
                     return {}
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
-            elif conf.path:
-                self.load_weights(ctx, model)
-            check_classes(model, data, "teacher.arch", ctx.cfg.source)
-            torch.save(model.cpu().state_dict(), ctx.out_dir / TEACHER_STATE)
-        model = model.cpu().eval()
-        if "best_val_top1" not in metrics:
+            key = "teacher.entrypoint" if conf.source == "python" else "teacher.arch"
+            check_classes(model, data, key, ctx.cfg.source)
+            save_weights(model.cpu(), ctx.out_dir / TEACHER_WEIGHTS)
+            spec.update(preprocessing_spec(ctx.cfg, model, built.loaded, list(data.mean), list(data.std)))
+            expected = spec.get("expected_input_size")
+            if expected and list(expected) != list(data.input_shape[1:]):
+                ctx.log(
+                    f"warning: teacher: its pretrained config says {expected[0]}x{expected[1]} inputs, the data is "
+                    f"{data.input_shape[1]}x{data.input_shape[2]}; resize the data if it scores poorly"
+                )
+        model = with_adapter(model.cpu(), spec.get("input_adapter")).eval()
+        if "best_val_top1" not in metrics:  # through the teacher's own preprocessing
             logits = predict(model, splits.val_x, data.mean, data.std, 512, torch.device("cpu"))
             metrics["best_val_top1"] = accuracy(logits, splits.val_y)
+        metrics["preprocessing"] = spec.get("preprocessing_source", "data")
         metrics.update(parameters=count_parameters(model), seconds=time.perf_counter() - t0)
         atomic_write_json(ctx.out_dir / TEACHER_SPEC, spec)
         return metrics
@@ -118,14 +142,16 @@ class TeacherStage(Stage):
         return model
 
     def build(self, ctx: StageContext) -> Any:
-        """The architecture, initialised from the recipe's seed (the initialisation is part of the recipe)."""
+        """The architecture (zoo, torchvision:, timm: or the user's entry point), initialised from the recipe's
+        seed (the initialisation is part of the recipe), with the weights of ``teacher.path`` when given
+        (weights_only unless ``allow_pickle``, checked against the model)."""
         import torch
 
-        from kdpipe.ml.zoo import create_model
+        from kdpipe.ml.teacher_build import build_teacher
 
         data, _ = ctx.data()
         torch.manual_seed(ctx.conf.train.seed)
-        return create_model(ctx.conf.arch or "", num_classes=data.num_classes, in_channels=data.input_shape[0])
+        return build_teacher(ctx.cfg, data.num_classes, tuple(data.input_shape))
 
     def train(self, ctx: StageContext, model: Any) -> dict[str, Any] | None:
         """Train with the teacher recipe; None on a torchrun rank other than 0."""
@@ -146,7 +172,7 @@ class TeacherStage(Stage):
             augment=ctx.cfg.config.data.augment,
             work_dir=ctx.work_dir,
             device=pick_device(runtime.device),
-            desc=f"teacher {conf.arch}",
+            desc=f"teacher {conf.arch if conf.source != 'python' else conf.entrypoint}",
             progress=ctx.progress,
             log=ctx.log,
             channels_last=runtime.channels_last,
@@ -155,11 +181,3 @@ class TeacherStage(Stage):
             nproc=runtime.nproc,
         )
         return result if world()[0] == 0 else None
-
-    def load_weights(self, ctx: StageContext, model: Any) -> None:
-        """The checkpoint in ``teacher.path`` (weights_only unless ``allow_pickle``), checked against the model."""
-        from kdpipe.ml.models import load_into, load_state_dict_file
-
-        conf, cfg = ctx.conf, ctx.cfg
-        state = load_state_dict_file(cfg.resolve(conf.path), "teacher.path", conf.allow_pickle, cfg.source)
-        load_into(model, state, "teacher.path", conf.arch or "", cfg.source)

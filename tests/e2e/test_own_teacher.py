@@ -184,9 +184,11 @@ def test_fitnet_aligns_with_a_vit_teachers_pre_logits(project):
     assert report["models"]["student"]["method"] == "fitnet"
 
 
-def test_a_student_bigger_than_its_teacher_fails_before_training_when_required(project):
+def test_a_student_bigger_than_its_teacher_fails_before_training_when_required(tmp_path):
     from kdpipe.errors import ConfigError
 
+    project = tmp_path
+    (project / "models.py").write_text(MODELS_PY)
     extra = {
         "teacher": TEACHERS["user_code"][0],
         "distill": {"method": "simkd", "student": "timm:resnet10t", "require_smaller": True},
@@ -199,6 +201,13 @@ def test_a_student_bigger_than_its_teacher_fails_before_training_when_required(p
     )
     assert "(body " in msg and "+ projector " in msg and info.value.exit_code == 2
     assert not list((project / ".kdpipe" / "distill").glob("*/student.*"))  # nothing trained or committed
+    path = project / "too-big-warns.yaml"
+    path.write_text(
+        yaml.safe_dump(deep_merge(BASE, {**extra, "distill": {**extra["distill"], "require_smaller": False}}))
+    )
+    said: list[str] = []
+    run_pipeline(path, until="distill", echo=said.append)
+    assert any(line.startswith("warning: distill.student: the deployable student has ") for line in said), said
 
 
 def test_a_loaded_teacher_at_chance_is_refused_before_distilling(project):
