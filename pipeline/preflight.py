@@ -171,7 +171,9 @@ def check_models(cfg: LoadedConfig, stale: set[str]) -> None:
 def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
     import torch
 
+    from kdpipe.ml.entrypoints import resolve_model_name
     from kdpipe.ml.split import split_model
+    from kdpipe.ml.teacher_build import teacher_arch
     from kdpipe.ml.zoo import UnknownNameError, create_model
     from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
 
@@ -189,16 +191,28 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
             cfg.source,
         )
     shape = data_shape(cfg)
-    names = [] if torchscript else [("teacher.arch", conf.teacher.arch or "")]
+    try:  # user code (python:) resolves against the config's folder
+        teacher_name = teacher_arch(conf.teacher, cfg.base)
+        student_name = resolve_model_name(distill.student, cfg.base)
+    except UsageError as exc:
+        key = "teacher.entrypoint" if conf.teacher.source == "python" else "distill.student"
+        raise ConfigError(key, str(exc), cfg.source) from None
+    names = [] if torchscript else [("teacher.arch", teacher_name, conf.teacher.kwargs)]
     if "distill" in stale:
-        names.append(("distill.student", distill.student))
+        names.append(("distill.student", student_name, distill.student_kwargs))
     built = {}
     classes, channels = (shape.classes, shape.channels) if shape else (2, 1)
-    for key, name in names:
+    size = (shape.height if shape.height == shape.width else (shape.height, shape.width)) if shape else None
+    for key, name, kwargs in names:
         try:
-            built[key] = create_model(name, num_classes=classes, in_channels=channels)
+            built[key] = create_model(name, num_classes=classes, in_channels=channels, image_size=size, kwargs=kwargs)
         except UnknownNameError as exc:
             raise ConfigError(key, str(exc), cfg.source) from None
+        except UsageError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError("teacher.entrypoint" if name == teacher_name and conf.teacher.source == "python" else key,
+                              str(exc), cfg.source) from None  # fmt: skip
     if shape is None or torchscript:
         return  # the feature map's shape depends on data only the stages read
     example = torch.zeros(2, shape.channels, shape.height, shape.width)
@@ -215,10 +229,10 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
     if "distill" in stale:
         input_shape = (shape.channels, shape.height, shape.width)
         info = DataInfo(shape.classes, input_shape, [str(i) for i in range(shape.classes)])
-        parts = TeacherParts(conf.teacher.arch, split)
+        parts = TeacherParts(teacher_name, split, dict(conf.teacher.kwargs))
         for method, distiller in methods.items():
             try:
-                distiller.build(parts, distill.student, info, distill)
+                distiller.build(parts, student_name, info, distill)
             except UsageError as exc:
                 key, _, msg = str(exc).partition(": ")
                 if key == "distill.student" and distill.student_feature_node and "is not a node" in msg:

@@ -233,3 +233,28 @@ def test_a_loaded_teacher_at_chance_is_refused_before_distilling(project):
         project, "chance-ok", {**extra, "distill": {"method": "kd", "student": "timm:test_byobnet"}}, "distill"
     )
     assert report["models"]["student"]["method"] == "kd"
+
+
+def test_preflight_builds_own_models_where_the_stages_will(tmp_path, monkeypatch):
+    from kdpipe import preflight as pf
+    from kdpipe.config import load_config
+    from kdpipe.errors import ConfigError
+
+    (tmp_path / "models.py").write_text(MODELS_PY)
+    monkeypatch.chdir(tmp_path.parent)
+    every = {"teacher", "features", "distill", "validate", "export", "benchmark"}
+
+    def cfg(extra):
+        (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(BASE, extra)))
+        return load_config(tmp_path / "pipeline.yaml")
+
+    pf.preflight(
+        cfg({"teacher": TEACHERS["user_code"][0], "distill": {"student": "python:models.py:build_teacher"}}), every
+    )
+    pf.preflight(
+        cfg({"teacher": TEACHERS["vit"][0], "distill": {"method": "fitnet", "student": "timm:test_byobnet"}}), every
+    )
+    with pytest.raises(ConfigError, match=r"^teacher.entrypoint: entry point .*models.py has no function 'nope'"):
+        pf.preflight(cfg({"teacher": {"source": "python", "entrypoint": "models.py:nope"}}), every)
+    with pytest.raises(ConfigError, match=r"^distill.student: unknown timm model 'resnet10'"):
+        pf.preflight(cfg({"distill": {"student": "timm:resnet10"}}), every)
