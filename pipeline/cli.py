@@ -45,18 +45,6 @@ baseline_option = click.option(
 )
 
 
-def _cache_lock(cfg, no_wait: bool):
-    """The cache's lock for a command that writes it; under torchrun only rank 0 takes it (the other ranks
-    write no cache entry and follow rank 0's lead)."""
-    from contextlib import nullcontext
-
-    from kdpipe.lock import CacheLock
-
-    if int(os.environ.get("RANK") or 0) != 0:
-        return nullcontext()
-    return CacheLock(cfg.cache_dir, wait=not no_wait)
-
-
 def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
     """Load the config; ``writes`` names the folder settings the command writes to (``cache_dir``,
     ``output_dir``): one that is a file or not writable is bad input, said before anything runs."""
@@ -110,32 +98,16 @@ def run(
     from kdpipe.runner import run_pipeline
 
     cfg = _load(config_path, (*overrides, *([f"runtime.nproc={nproc}"] if nproc else [])), WRITES)
-    with _cache_lock(cfg, no_wait):
-        _preflight(cfg, force, until, gates, baseline)
-        report = run_pipeline(
-            cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
-            baseline=baseline,
-        )  # fmt: skip
+    report = run_pipeline(
+        cfg, force=force, until=until, progress=False if no_progress else None, echo=click.echo, gates=gates,
+        baseline=baseline, wait=not no_wait,
+    )  # fmt: skip
     if not report:  # a torchrun rank other than 0: rank 0 reports
         return
     student = report["models"].get("student", {})
     top1 = student.get("accuracy", {}).get("top1")
     summary = f"student test top-1 {top1:.4f}" if top1 is not None else "no test accuracy yet"
     click.echo(f"report: {cfg.output_dir / 'report.json'} ({summary})")
-
-
-def _preflight(cfg, force: tuple[str, ...], until: str | None, gates: tuple[str, ...], baseline: str | None) -> None:
-    """Check before work (:mod:`kdpipe.preflight`) for the stages this run will run."""
-    from kdpipe.preflight import preflight
-    from kdpipe.reporting.gates import parse_gate
-    from kdpipe.runner import plan, read_last_run
-
-    steps = plan(cfg, read_last_run(cfg))
-    if until:
-        steps = steps[: ORDER.index(until) + 1]
-    stale = [s.stage for s in steps if s.stage in force or not s.cached]
-    complete = until is None or until == ORDER[-1]
-    preflight(cfg, stale, [parse_gate(g) for g in gates], complete=complete, baseline=bool(baseline))
 
 
 @cli.command()
@@ -241,12 +213,7 @@ def clean(config_path: str, overrides: tuple[str, ...], keep_last: bool, no_wait
     """Remove cached stage outputs (and the output folder unless --keep-last); waits for a run using the cache."""
     from kdpipe.runner import clean as do_clean
 
-    cfg = _load(config_path, overrides, WRITES)
-    if not cfg.cache_dir.is_dir():
-        removed = do_clean(cfg, keep_last)
-    else:
-        with _cache_lock(cfg, no_wait):
-            removed = do_clean(cfg, keep_last)
+    removed = do_clean(_load(config_path, overrides, WRITES), keep_last, wait=not no_wait)
     click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
 
 

@@ -11,6 +11,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from kdpipe.cache import Cache, cache_key, key_payload, library_versions
 from kdpipe.config import LoadedConfig, load_config
 from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError
 from kdpipe.fileio import FileDigests, atomic_write_json
+from kdpipe.lock import CacheLock
 from kdpipe.ml.sources import dataset_fingerprint
 from kdpipe.stages import ORDER
 from kdpipe.stages.base import METRICS, STAGES, StageContext
@@ -101,10 +103,17 @@ def _diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
 
 
 def read_last_run(cfg: LoadedConfig) -> dict[str, Any] | None:
+    """The last run's record, or None when there is none or it is damaged (any other shape included)."""
     try:
-        return json.loads((cfg.cache_dir / LAST_RUN).read_text())
+        record = json.loads((cfg.cache_dir / LAST_RUN).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    stages = record.get("stages") if isinstance(record, dict) else None
+    if not isinstance(stages, dict) or not all(
+        isinstance(s, dict) and isinstance(s.get("key"), str) for s in stages.values()
+    ):
+        return None
+    return record
 
 
 def run_pipeline(
@@ -115,6 +124,7 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
     gates: Iterable[str] = (),
     baseline: str | Path | None = None,
+    wait: bool = True,
 ) -> dict[str, Any]:
     """Run every stale stage (up to ``until``), then write and return the report: plan → execute → record.
 
@@ -126,12 +136,15 @@ def run_pipeline(
         echo: where one-line status messages go.
         gates: extra ``MODEL.METRIC[@BATCH] >= VALUE`` gates besides the config's.
         baseline: a previous report.json to check regressions against.
+        wait: when another process holds the cache, wait for it (saying which process it is); False raises
+            :class:`~kdpipe.lock.CacheBusy` (exit 2) at once.
 
     Returns:
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
         report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
     from kdpipe.ml.distributed import launched_role
+    from kdpipe.preflight import preflight
     from kdpipe.reporting.gates import parse_gate
     from kdpipe.reporting.outcome import conclude
     from kdpipe.reporting.report import load_report
@@ -146,18 +159,23 @@ def run_pipeline(
         parse_gate(expression)
     old_report = load_report(cfg, baseline) if baseline else None
     progress = cfg.config.runtime.progress if progress is None else progress
-    with launched_role(cfg) as role:
-        if role == "follower":
-            _follow(cfg)
-            return {}
-        started = time.time()
-        steps = plan(cfg, read_last_run(cfg))
-        if until:
-            steps = steps[: ORDER.index(until) + 1]
-        execute(cfg, steps, force, progress, echo, announce=role == "leader")
-        record = record_run(cfg, steps, started)
     stopped_after = until if until and until != ORDER[-1] else None
-    return conclude(cfg, record, stopped_after, gates, old_report, echo)
+    with ExitStack() as held:
+        with launched_role(cfg) as role:
+            if role == "follower":
+                _follow(cfg)
+                return {}
+            held.enter_context(CacheLock(cfg.cache_dir, wait=wait))  # one process at a time on a cache
+            started = time.time()
+            steps = plan(cfg, read_last_run(cfg))
+            if until:
+                steps = steps[: ORDER.index(until) + 1]
+            stale = [s.stage for s in steps if s.stage in force or not s.cached]
+            gate_list = [parse_gate(g) for g in gates]
+            preflight(cfg, stale, gate_list, complete=stopped_after is None, baseline=old_report is not None)
+            execute(cfg, steps, force, progress, echo, announce=role == "leader")
+            record = record_run(cfg, steps, started)
+        return conclude(cfg, record, stopped_after, gates, old_report, echo)  # still holding the lock
 
 
 def execute(
@@ -293,8 +311,16 @@ def _follow(cfg: LoadedConfig) -> None:
         barrier()
 
 
-def clean(cfg: LoadedConfig, keep_last: bool = False) -> int:
-    """Remove cache entries (all, or all but the last run's). Returns how many were removed."""
+def clean(cfg: LoadedConfig, keep_last: bool = False, wait: bool = True) -> int:
+    """Remove cache entries (all, or all but the last run's). Returns how many were removed. Holds the cache's
+    lock: a run using the cache is waited for (or, with ``wait=False``, named in a :class:`CacheBusy`)."""
+    if not cfg.cache_dir.is_dir():
+        return _clean(cfg, keep_last)
+    with CacheLock(cfg.cache_dir, wait=wait):
+        return _clean(cfg, keep_last)
+
+
+def _clean(cfg: LoadedConfig, keep_last: bool) -> int:
     last = read_last_run(cfg) if keep_last else None
     keep = {n: s["key"] for n, s in (last or {}).get("stages", {}).items()} if last else None
     removed = Cache(cfg.cache_dir).clean(keep)

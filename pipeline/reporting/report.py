@@ -181,15 +181,38 @@ def load_report(cfg: LoadedConfig, path: str | Path | None = None) -> dict[str, 
     """The last run's report (or ``path``); a missing or malformed file is bad input."""
     target = Path(path) if path else cfg.output_dir / "report.json"
     try:
-        report = json.loads(target.read_text())
+        report = json.loads(target.read_text(encoding="utf-8"))
     except FileNotFoundError:
         hint = "" if path else "; run `kdpipe run` first"
         raise UsageError(f"no report at {target}{hint}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{target}: not a readable JSON report ({exc})") from None
-    if not isinstance(report, dict) or report.get("schema_version") != SCHEMA_VERSION:
+    except IsADirectoryError:
+        raise UsageError(f"{target}: a folder, not a report file") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8 alike
+        raise UsageError(f"{target}: not a readable JSON report ({type(exc).__name__}: {exc})") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{target}: a JSON {type(report).__name__}, not a kdpipe report (an object)")
+    if report.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{target}: schema_version {report.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    problem = _shape_problem(report)
+    if problem:
+        raise UsageError(f"{target}: not a kdpipe report: {problem}")
     return report
+
+
+def _shape_problem(report: dict[str, Any]) -> str | None:
+    """What makes a report of the right version unusable (what gates and renderers read), or None."""
+    models = report.get("models", {})
+    if not isinstance(models, dict):
+        return "`models` is not an object"
+    for name, model in models.items():
+        if not isinstance(model, dict):
+            return f"`models.{name}` is not an object"
+        for key in ("accuracy", "onnx", "latency"):
+            if key in model and not isinstance(model[key], dict):
+                return f"`models.{name}.{key}` is not an object"
+    if not isinstance(report.get("gates", []), list) or not all(isinstance(g, dict) for g in report.get("gates", [])):
+        return "`gates` is not a list of objects"
+    return None
 
 
 def _pct(v: float | None) -> str:

@@ -83,3 +83,34 @@ def test_bad_input_writes_nothing(project, capsys, gate):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert not (project / "g.xml").exists() and not (project / "g.md").exists()
     assert files(project) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[1, 2]", "a JSON list, not a kdpipe report"),
+        ('"report"', "a JSON str"),
+        ("{not json", "not a readable JSON report"),
+        (b"\xff\xfe{}", "not a readable JSON report"),
+        ('{"schema_version": 1, "models": []}', "`models` is not an object"),
+        ('{"schema_version": 1, "models": {"student": 3}}', "`models.student` is not an object"),
+        ('{"schema_version": 1, "models": {"student": {"accuracy": [0.9]}}}', "`models.student.accuracy`"),
+        ('{"schema_version": 1, "gates": {"a": 1}}', "`gates` is not a list"),
+        ('{"schema_version": 2}', "schema_version 2, expected 1"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["gate", "--report"], ["report", "--format", "junit", "--report"], ["gate", "--baseline"]]
+)
+def test_damaged_report_files(project, capsys, content, expected, command):
+    bad = project / "bad.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code = main([*command, str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(bad) in err and expected in err, err
+
+
+def test_report_path_that_is_a_folder(project, capsys):
+    assert main(["gate", "--report", str(project)]) == 2
+    assert "is a directory" in capsys.readouterr().err  # click checks it first
