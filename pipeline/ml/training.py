@@ -8,7 +8,10 @@ Model selection uses the validation split only.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,10 +22,13 @@ import torch
 from torch import nn
 
 from kdpipe.config import Augment, TrainConfig
-from kdpipe.fileio import atomic_path
+from kdpipe.diskspace import writing
+from kdpipe.fileio import atomic_path, atomic_write_text, sha256_file
 from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
 
 CHECKPOINT = "epoch.pt"
+PREVIOUS = "epoch.prev.pt"  # the checkpoint before the last: kept until the next one is complete
+log = logging.getLogger("kdpipe")
 
 
 def make_optimizer(params: Iterable[nn.Parameter], conf: TrainConfig) -> torch.optim.Optimizer:
@@ -90,9 +96,54 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     }
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested checkpoint object: what ``torch.save`` will write, give or take."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Write a checkpoint beside the previous one and keep that one (``epoch.prev.pt``) until the new one is
+    complete: a checkpoint damaged later still leaves a good one to resume from. The space is checked first."""
+    needs = _tensor_bytes(obj) + (1 << 16)
+    previous = path.with_name(PREVIOUS)
+    with writing(path, needs):
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+            digest = sha256_file(tmp)
+            if path.exists():
+                os.replace(path, previous)
+                if _digest_file(path).exists():
+                    os.replace(_digest_file(path), _digest_file(previous))
+        atomic_write_text(_digest_file(path), digest)
+
+
+def _digest_file(path: Path) -> Path:
+    """The sha256 written beside a checkpoint: torch.load does not notice bytes damaged inside a tensor."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, checked for the shape :meth:`_Loop.resume` needs (anything else raises)."""
+    digest = _digest_file(path)
+    if digest.is_file() and digest.read_text().strip() != sha256_file(path):
+        raise ValueError("its bytes do not match the sha256 written with it")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or not all(k in saved for k in ("model", "optimizer", "scheduler", "rng", "state")):
+        raise ValueError("not an epoch checkpoint of this kdpipe")
+    state = saved["state"]
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("epoch"), int)
+        or not isinstance(state.get("history"), list)
+    ):
+        raise ValueError("its training state is damaged")
+    return saved
 
 
 @dataclass
@@ -200,19 +251,55 @@ class _Loop:
         return self.result() if self.rank == 0 else {}
 
     def resume(self) -> None:
-        """Continue from the last completed epoch's checkpoint, if a killed run left one."""
-        if not self.ckpt.is_file():
-            return
+        """Continue from the last completed epoch's checkpoint, if a killed run left one. A checkpoint that
+        cannot be read or applied (truncated, damaged, of another shape) is discarded with a warning and the
+        previous one is tried; with none left, training starts over — never a crash."""
         job = self.job
-        saved = torch.load(self.ckpt, map_location="cpu", weights_only=True)
-        job.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"])
-        self.state = saved["state"]
-        job.log(f"{job.desc}: resuming after epoch {self.state['epoch']}/{job.conf.epochs} from {self.ckpt}")
+        candidates = [p for p in (self.ckpt, self.ckpt.with_name(PREVIOUS)) if p.is_file()]
+        if not candidates:
+            return
+        fresh = self._snapshot()
+        for path in candidates:
+            try:
+                saved = _load_checkpoint(path)
+                job.model.load_state_dict(saved["model"])
+                self.optimizer.load_state_dict(saved["optimizer"])
+                self.scheduler.load_state_dict(saved["scheduler"])
+                if saved.get("scaler"):
+                    self.scaler.load_state_dict(saved["scaler"])
+                torch.set_rng_state(saved["rng"])
+            except Exception as exc:  # torch.load and load_state_dict raise many types; each means "unusable"
+                why = (str(exc).strip().splitlines() or [""])[0][:160]
+                log.warning("%s: discarding unreadable checkpoint %s (%s: %s)", job.desc, path, type(exc).__name__, why)
+                self._restore(fresh)
+                if self.rank == 0:
+                    path.unlink(missing_ok=True)
+                    _digest_file(path).unlink(missing_ok=True)
+                continue
+            self.state = saved["state"]
+            job.log(f"{job.desc}: resuming after epoch {self.state['epoch']}/{job.conf.epochs} from {path}")
+            return
+        log.warning("%s: no usable checkpoint left in %s; training starts over", job.desc, job.work_dir)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The freshly initialised model, optimiser, scheduler and RNG, to return to if resuming fails halfway."""
+        return copy.deepcopy(
+            {
+                "model": self.job.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
+        )
+
+    def _restore(self, fresh: dict[str, Any]) -> None:
+        self.job.model.load_state_dict(fresh["model"])
+        self.optimizer.load_state_dict(fresh["optimizer"])
+        self.scheduler.load_state_dict(fresh["scheduler"])
+        if fresh["scaler"]:
+            self.scaler.load_state_dict(fresh["scaler"])
+        torch.set_rng_state(fresh["rng"])
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float]:
         """One pass over the training batches; returns (mean loss, images of all ranks, seconds)."""
