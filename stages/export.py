@@ -17,10 +17,19 @@ from kdpipe.version import __version__
 SAMPLES = "samples.npz"
 
 
+def quantization_block(variant: str, info: dict[str, Any], path: Any) -> dict[str, Any]:
+    """report.json's ``quantization`` of a variant: int8 variants only (fp16 and graph optimisation quantise
+    nothing), naming the final file and its size (after the metadata stamp), never the path it was built at."""
+    if "int8" not in variant:
+        return {}
+    extra = {k: v for k, v in info.items() if k not in ("variant", "file", "bytes")}
+    return {"quantization": {"dtype": "int8", **extra, "file": path.name, "bytes": path.stat().st_size}}
+
+
 @STAGES.register()
 class ExportStage(Stage):
     name = "export"
-    version = 2
+    version = 3  # 3: samples.npz's expected logits computed as the edge runner computes them
     needs = ("teacher", "distill")
     after = ("validate",)  # accuracy is known before the export work starts
     uses_data = True
@@ -40,9 +49,9 @@ class ExportStage(Stage):
         test = normalize(data.test_x, data.mean, data.std)
         out: dict[str, Any] = {"input_shape": list(data.input_shape), "models": {}}
         metadata = self.export_models(ctx, test[: conf.parity.samples], out)
-        expected = self.make_variants(ctx, test.numpy(), data.test_y.numpy(), metadata, out)
+        self.make_variants(ctx, test.numpy(), data.test_y.numpy(), metadata, out)
         if conf.bundle_samples:
-            self.save_samples(ctx, test.numpy(), data.test_y.numpy(), expected, out)
+            self.save_samples(ctx, test.numpy(), data.test_y.numpy(), out)
         return out
 
     def export_models(self, ctx: StageContext, images: Any, out: dict[str, Any]) -> dict[str, str]:
@@ -84,8 +93,7 @@ class ExportStage(Stage):
     def make_variants(
         self, ctx: StageContext, test: Any, labels: Any, metadata: dict[str, str], out: dict[str, Any]
     ) -> dict[str, Any]:
-        """Each configured variant of the student, re-validated on the whole test split against the fp32 student.
-        Returns every model's test logits (the expected outputs of the bundle samples)."""
+        """Each configured variant of the student, re-validated on the whole test split against the fp32 student."""
         from kdpipe.exporters.onnx_export import stamp_metadata
         from kdpipe.exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
         from kdpipe.ml.data import normalize
@@ -150,26 +158,26 @@ class ExportStage(Stage):
                     **{k: result[k] for k in ("max_abs_diff", "mean_abs_diff", "top1_agreement")},
                 },
                 "accuracy": {"samples": len(labels), "top1": result["top1"], "top5": result["top5"]},
-                **({"quantization": info} if isinstance(info, dict) else {}),
+                **quantization_block(variant, info, path),
             }
         return expected
 
-    def save_samples(
-        self, ctx: StageContext, test: Any, labels: Any, expected: dict[str, Any], out: dict[str, Any]
-    ) -> None:
-        """``samples.npz``: the first test images and every model's expected logits, for on-device checks."""
+    def save_samples(self, ctx: StageContext, test: Any, labels: Any, out: dict[str, Any]) -> None:
+        """``samples.npz``: the first test images and every model's expected logits, for on-device checks.
+
+        The expected logits are computed exactly as the bundle's runner computes them (its own function: the
+        same batches, provider and options), so the runner reproduces them on this machine; evaluating the test
+        split in other batches would make dynamic int8 quantisation, which scales by the batch, disagree."""
         import numpy as np
 
-        from kdpipe.exporters.variants import evaluate_onnx
+        from kdpipe.edge.runner import sample_outputs
 
         n = ctx.conf.bundle_samples
-        images = test[:n]
-        for name in out["models"]:
-            if name not in expected:
-                expected[name] = evaluate_onnx(ctx.out_dir / out["models"][name]["file"], images)
+        images = np.ascontiguousarray(test[:n], dtype=np.float32)
+        expected = {
+            name: sample_outputs(str(ctx.out_dir / info["file"]), images, threads=1)
+            for name, info in out["models"].items()
+        }
         np.savez(
-            ctx.out_dir / SAMPLES,
-            images=images,
-            labels=labels[:n],
-            **{f"expected_{k}": v[:n] for k, v in expected.items()},
+            ctx.out_dir / SAMPLES, images=images, labels=labels[:n], **{f"expected_{k}": v for k, v in expected.items()}
         )

@@ -267,6 +267,21 @@ def load_spec(spec_path: Path) -> dict[str, Any]:
     return spec
 
 
+def sample_outputs(path: str, images: Any, threads: int, session_options: dict[str, Any] | None = None) -> Any:
+    """A model's outputs on the sample images: CPU provider, batches of PARITY_BATCH. kdpipe's export stage computes
+    the expected outputs with this very function, so a build that matches gives identical figures (dynamic int8
+    quantisation, for one, depends on the batch)."""
+    import numpy as np
+
+    session = open_session(path, "CPUExecutionProvider", threads, session_options)
+    feed_name = session.get_inputs()[0].name
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    outputs = [
+        session.run(None, {feed_name: images[i : i + PARITY_BATCH]})[0] for i in range(0, len(images), PARITY_BATCH)
+    ]
+    return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0,), np.float32)
+
+
 def check_samples(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Run the sample images through each model that has ``expected_<model>`` logits, on the CPU provider."""
     import numpy as np
@@ -288,12 +303,7 @@ def check_samples(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         expected = arrays.get(f"expected_{name}")
         if expected is None:
             continue
-        session = open_session(path, "CPUExecutionProvider", spec["threads"][0], spec["sessions"].get(name))
-        feed_name = session.get_inputs()[0].name
-        outputs = [
-            session.run(None, {feed_name: images[i : i + PARITY_BATCH]})[0] for i in range(0, len(images), PARITY_BATCH)
-        ]
-        got = np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0,), np.float32)
+        got = sample_outputs(path, images, spec["threads"][0], spec["sessions"].get(name))
         if got.shape != expected.shape:
             raise SpecError(f"samples: expected_{name} has shape {expected.shape}, the model gives {got.shape}")
         n = len(images)
