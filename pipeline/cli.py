@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         if full:
             click.echo(f"kdpipe: error: {full}", err=True)
             return full.exit_code
+        if isinstance(exc, OSError) and exc.filename:  # a path given on the command line (-o, --junit, --md)
+            click.echo(f"kdpipe: error: cannot use {exc.filename}: {exc.strerror or exc}", err=True)
+            return 2
         click.echo(
             f"kdpipe: internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", err=True
         )

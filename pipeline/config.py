@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdpipe.errors import ConfigError
 from kdpipe.yamlfile import load_file as load_yaml_file
@@ -20,7 +20,18 @@ from kdpipe.yamlfile import loads as load_yaml
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` is bad input, not a run that diverges (or a report JSON cannot hold)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's ``true`` is not the number 1: pydantic would accept it for an int or float field."""
+        if isinstance(value, bool) and info.field_name:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in (int, float, int | None, float | None):
+                raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -103,7 +114,7 @@ class DataConfig(Section):
         None, description="webdataset / filelist with integer labels: class names in label order (else class0, ...)."
     )
     download: bool = Field(True, description="Let torchvision download the dataset when it is nowhere on disk.")
-    seed: int = Field(0, description="Seed of the train/val split and of the training subset.")
+    seed: int = Field(0, ge=0, description="Seed of the train/val split and of the training subset.")
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Fraction of the training images held out (seeded) for model selection."
     )
@@ -177,7 +188,7 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, description="step schedule: the factor applied at each milestone.")
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs (cosine and step schedules).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy with the labels.")
-    seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, shuffling and augmentation.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -259,7 +270,7 @@ class FeaturesConfig(Section):
     views: int = Field(4, ge=1, description="Augmented views precomputed per training image (view 0 is unaugmented).")
     precision: Literal["fp16", "fp32"] = Field("fp16", description="Storage precision of the cached feature maps.")
     batch_size: int = Field(512, gt=0, description="Teacher batch size while computing features.")
-    seed: int = Field(0, description="Seed of the views' crop and flip parameters.")
+    seed: int = Field(0, ge=0, description="Seed of the views' crop and flip parameters.")
     max_bytes: int | None = Field(
         None,
         gt=0,
@@ -497,7 +508,7 @@ class PipelineConfig(Section):
         default_factory=BaselineConfig, description="Limits used by `--baseline REPORT` regression checks."
     )
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 def launched_world_size() -> int:
@@ -564,6 +575,7 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
         "int_parsing": lambda: f"must be an integer, got {err.get('input')!r}",
         "int_from_float": lambda: f"must be an integer, got {err.get('input')!r}",
         "float_parsing": lambda: f"must be a number, got {err.get('input')!r}",
+        "finite_number": lambda: f"must be a finite number, got {err.get('input')!r}",
         "bool_parsing": lambda: f"must be true or false, got {err.get('input')!r}",
         "string_type": lambda: f"must be a string, got {err.get('input')!r}",
         "list_type": lambda: f"must be a list, got {err.get('input')!r}",

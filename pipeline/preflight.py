@@ -213,6 +213,10 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
                 raise
             raise ConfigError("teacher.entrypoint" if name == teacher_name and conf.teacher.source == "python" else key,
                               str(exc), cfg.source) from None  # fmt: skip
+        except Exception as exc:  # the stage would fail the same way, after the stages before it
+            why = (str(exc).strip().splitlines() or [""])[0][:200]
+            message = f"'{name}' cannot be built for {channels}-channel images of {classes} classes"
+            raise ConfigError(key, f"{message}: {type(exc).__name__}: {why}", cfg.source) from None
     if shape is None or torchscript:
         return  # the feature map's shape depends on data only the stages read
     example = torch.zeros(2, shape.channels, shape.height, shape.width)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdpipe.config import LoadedConfig
+from kdpipe.diskspace import ensure_space, writing
 from kdpipe.stages.base import STAGES, Stage, StageContext
 from kdpipe.version import __version__
 
@@ -81,9 +82,15 @@ class ExportStage(Stage):
         }
         for name, model in models.items():
             path = ctx.out_dir / f"{name}.onnx"
-            info = export_onnx(
-                model.float().eval(), path, images[:2].clone(), conf.opset, conf.exporter, {**metadata, "role": name}
-            )
+            with writing(path, 4 * count_parameters(model) + (1 << 20)):  # fp32 weights, plus the graph
+                info = export_onnx(
+                    model.float().eval(),
+                    path,
+                    images[:2].clone(),
+                    conf.opset,
+                    conf.exporter,
+                    {**metadata, "role": name},
+                )
             info["parity"] = check_parity(model, path, images)
             assert_parity(info["parity"], conf.parity.max_abs_diff, conf.parity.min_top1_agreement, path.name)
             info["torch_parameters"] = count_parameters(model)
@@ -124,6 +131,7 @@ class ExportStage(Stage):
             path = ctx.out_dir / f"{name}.onnx"
             kind = VARIANTS.get(variant)
             ctx.log(f"export {name}")
+            ensure_space(path, (ctx.out_dir / "student.onnx").stat().st_size)  # no variant is larger than fp32
             info = make_variant(
                 variant,
                 sources[kind.source],

@@ -50,7 +50,10 @@ def locate_fashion_mnist(cfg: LoadedConfig) -> dict[str, Path]:
         candidates.append(configured_root(cfg))
     else:
         if os.environ.get("KDPIPE_DATA"):
-            candidates.append(Path(os.environ["KDPIPE_DATA"]))
+            env = Path(os.environ["KDPIPE_DATA"]).expanduser()
+            if not env.is_dir():  # set on purpose: a typo must not fall through to other data
+                raise UsageError(f"KDPIPE_DATA={env}: no such folder; fix it or unset it")
+            candidates.append(env)
         candidates.append(DEBIAN_FASHION_MNIST)
         candidates.append(default_download_root())
     for folder in candidates:

@@ -114,3 +114,20 @@ def test_damaged_report_files(project, capsys, content, expected, command):
 def test_report_path_that_is_a_folder(project, capsys):
     assert main(["gate", "--report", str(project)]) == 2
     assert "is a directory" in capsys.readouterr().err  # click checks it first
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--format", "md", "-o", "afile/r.md"],
+        ["report", "--format", "html", "-o", "kdpipe-out"],
+        ["gate", "--junit", "afile/g.xml"],
+        ["gate", "--md", "afile/deeper/g.md"],
+    ],
+)
+def test_output_paths_that_cannot_be_written(project, capsys, args):
+    (project / "afile").write_text("a file, not a folder")
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("kdpipe: error: "), err
+    assert "afile" in err or "kdpipe-out" in err

@@ -80,6 +80,11 @@ def test_config_path_that_is_a_folder(tmp_path):
         ("distill.student.name=x", "cannot set a key below distill.student, which is not a mapping"),
         ("distill.train.epochs=0", "distill.train.epochs: must be > 0"),
         ("distill.train.epochs=!!python/name:os.system", "not valid YAML"),
+        ("distill.train.lr=.inf", "distill.train.lr: must be a finite number, got inf"),
+        ("distill.kd.temperature=.nan", "distill.kd.temperature: must be a finite number"),
+        ("distill.train.batch_size=true", "distill.train.batch_size: must be a number, got true"),
+        ("teacher.train.lr=false", "teacher.train.lr: must be a number, got false"),
+        ("distill.train.seed=-1", "distill.train.seed: must be >= 0"),
     ],
 )
 def test_set_values_get_the_same_one_line_errors(tmp_path, override, expected):
@@ -154,3 +159,11 @@ def test_folder_on_a_read_only_file_system(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly(real(p)))
     with pytest.raises(UsageError, match=r"output_dir: .* is on a read-only file system"):
         check_writable_dir(tmp_path / "out", "output_dir", "p.yaml")
+
+
+def test_kdpipe_data_that_does_not_exist_is_an_error(no_system_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_DATA", str(tmp_path / "typo"))
+    path = tmp_path / "p.yaml"
+    path.write_text("data: {dataset: fashion_mnist, download: false}\n")
+    with pytest.raises(UsageError, match=r"^KDPIPE_DATA=.*typo: no such folder"):
+        sources.locate_fashion_mnist(load_config(path))
