@@ -226,10 +226,13 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
             split_model, built["teacher.arch"], example, conf.teacher.feature_node, "teacher.feature_node", cfg
         )
     if "features" in stale and conf.features.enabled and split is not None and shape.train_images:
+        from kdpipe.stages.features import DISK_MARGIN, FEATURES
+
         images = _training_images(cfg, shape.train_images)
         itemsize = 2 if conf.features.precision == "fp16" else 4
         per_image = conf.features.views * (int(torch.Size(split.feature_shape).numel()) * itemsize + 4 * shape.classes)
-        ensure_space(cfg.cache_dir / "features", images * per_image)
+        if conf.features.max_bytes is None:  # features.max_bytes is the stage's own check, once it knows the data
+            ensure_space(cfg.cache_dir / "features" / FEATURES, images * per_image + DISK_MARGIN)
     if "distill" in stale:
         input_shape = (shape.channels, shape.height, shape.width)
         info = DataInfo(shape.classes, input_shape, [str(i) for i in range(shape.classes)])

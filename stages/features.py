@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -79,8 +78,6 @@ class FeaturesStage(Stage):
         dtype = np.float16 if conf.precision == "fp16" else np.float32
         check_size(ctx, n, shape, np.dtype(dtype).itemsize, data.num_classes)
         feats = None
-        feats_bytes = n * k * int(np.prod(shape)) * np.dtype(dtype).itemsize if shape is not None else 0
-        ensure_space(ctx.out_dir / FEATURES, feats_bytes + n * k * data.num_classes * 4)  # before the teacher runs
         if shape is not None:
             feats = open_reserved(ctx.out_dir / FEATURES, dtype, (n, k, *shape))
         logits = open_reserved(ctx.out_dir / LOGITS, np.float32, (n, k, data.num_classes))
@@ -154,15 +151,14 @@ def open_reserved(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:
 
 def check_size(ctx: StageContext, images: int, shape: Any, itemsize: int, classes: int) -> int:
     """Stop before writing a features cache larger than ``features.max_bytes`` (default: free disk space
-    minus a margin): views × images × C×H×W × bytes, plus the logits."""
+    minus a margin, a :class:`~kdpipe.diskspace.DiskFullError`): views × images × C×H×W × bytes, plus the logits."""
     conf = ctx.cfg.config.features
     per_view = (math.prod(shape) * itemsize if shape is not None else 0) + classes * 4
     need = conf.views * images * per_view
-    if conf.max_bytes is not None:
-        limit, what = conf.max_bytes, "features.max_bytes"
-    else:
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        limit, what = shutil.disk_usage(ctx.out_dir).free - DISK_MARGIN, "the free disk space less 1 GiB"
+    if conf.max_bytes is None:  # the disk's limit: a full disk is said the way every full disk is
+        ensure_space(ctx.out_dir / FEATURES, need + DISK_MARGIN)  # 1 GiB spare for checkpoints and ONNX files
+        return need
+    limit, what = conf.max_bytes, "features.max_bytes"
     if need > limit:
         feature = "x".join(map(str, shape)) if shape is not None else "0"
         raise ConfigError(

@@ -108,7 +108,7 @@ def test_a_real_full_disk_then_recovery(project, capsys, tiny_disk, features):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"kdpipe: error: no space left on device writing {disk / 'cache'}"), err
-    assert "free " in err and ("needs ~" in err) == features
+    assert "free " in err and "needs ~" in err  # checkpoints and features are estimated before they are written
     assert not list((disk / "cache").glob("*/.tmp-*"))  # no half-built entry
-    resize("50m")
+    resize("2g")  # a size limit, not memory taken: the features stage keeps 1 GiB spare
     assert main(["run", "--until", "distill"]) == 0  # recovered: the same cache, now with room

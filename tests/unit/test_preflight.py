@@ -106,7 +106,7 @@ def test_features_that_will_not_fit_on_the_disk(tmp_path, monkeypatch):
     import kdpipe.diskspace as ds
 
     monkeypatch.setattr(ds, "free_bytes", lambda path: 10_000)
-    with pytest.raises(DiskFullError, match=r"no space left on device writing .*features \(needs ~.*, free 9.8 KiB\)"):
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*features/features.npy \(needs ~.*, free 9.8 KiB\)"):
         pf.preflight(cfg_of(tmp_path, {"features": {"enabled": True}}), ALL)
 
 
