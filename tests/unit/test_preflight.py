@@ -106,7 +106,8 @@ def test_features_that_will_not_fit_on_the_disk(tmp_path, monkeypatch):
     import kdpipe.diskspace as ds
 
     monkeypatch.setattr(ds, "free_bytes", lambda path: 10_000)
-    with pytest.raises(DiskFullError, match=r"no space left on device writing .*features/features.npy \(needs ~.*, free 9.8 KiB\)"):
+    expected = r"no space left on device writing .*features/features.npy \(needs ~.*, free 9.8 KiB\)"
+    with pytest.raises(DiskFullError, match=expected):
         pf.preflight(cfg_of(tmp_path, {"features": {"enabled": True}}), ALL)
 
 
