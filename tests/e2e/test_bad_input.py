@@ -142,3 +142,34 @@ def test_problems_found_before_the_first_stage(project, capsys, monkeypatch, ext
 def test_command_line_gate_naming_an_unknown_model(project, capsys):
     code, err = run_cli(capsys, "run", "--gate", "techer.top1 >= 0.5")
     assert_one_line_exit_2(code, err, "techer")
+
+
+def _png(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(path)
+
+
+PNG_DAMAGE = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+    "zero bytes": lambda p: p.write_bytes(b""),
+    "not an image": lambda p: p.write_bytes(b"<html>404 not found</html>\n"),
+    "damaged pixels": lambda p: p.write_bytes(p.read_bytes()[:40] + b"\x00" * 20 + p.read_bytes()[60:]),
+}
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("damage", sorted(PNG_DAMAGE))
+def test_corrupt_png_in_an_image_folder(project, capsys, damage, in_memory):
+    from tests.image_data import make_imagefolder
+
+    root = make_imagefolder(project / "photos", train=4, test=2, size=16)
+    bad = root / "train" / sorted(p.name for p in (root / "train").iterdir())[0] / "x.png"
+    _png(bad)
+    PNG_DAMAGE[damage](bad)
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "in_memory": in_memory, "workers": 1}
+    (project / "pipeline.yaml").write_text(yaml.safe_dump({**TINY, "data": data}))
+    code, err = run_cli(capsys, "run", "--until", "teacher")
+    assert_one_line_exit_2(code, err, str(bad))
+    assert not [p for p in (project / ".kdpipe").glob("*/*") if not p.name.startswith(".")]  # no entry committed
