@@ -214,6 +214,8 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
             raise ConfigError("teacher.entrypoint" if name == teacher_name and conf.teacher.source == "python" else key,
                               str(exc), cfg.source) from None  # fmt: skip
         except Exception as exc:  # the stage would fail the same way, after the stages before it
+            if shape is None:
+                continue  # built for placeholder classes/channels: only the name was being checked
             why = (str(exc).strip().splitlines() or [""])[0][:200]
             message = f"'{name}' cannot be built for {channels}-channel images of {classes} classes"
             raise ConfigError(key, f"{message}: {type(exc).__name__}: {why}", cfg.source) from None
