@@ -50,8 +50,9 @@ def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, 
     ``output_dir``): one that is a file or not writable is bad input, said before anything runs."""
     from kdpipe.config import load_config
     from kdpipe.diskspace import check_writable_dir
+    from kdpipe.ml.teacher_build import with_teacher_data_defaults
 
-    cfg = load_config(config_path, overrides)
+    cfg = with_teacher_data_defaults(load_config(config_path, overrides))  # a loaded timm teacher's input size
     _LOADED.update(cache_dir=cfg.cache_dir, output_dir=cfg.output_dir)
     for key in writes:
         check_writable_dir(getattr(cfg, key), key, cfg.source)

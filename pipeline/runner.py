@@ -144,12 +144,13 @@ def run_pipeline(
         report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
     from kdpipe.ml.distributed import launched_role
+    from kdpipe.ml.teacher_build import with_teacher_data_defaults
     from kdpipe.preflight import preflight
     from kdpipe.reporting.gates import parse_gate
     from kdpipe.reporting.outcome import conclude
     from kdpipe.reporting.report import load_report
 
-    cfg = config if isinstance(config, LoadedConfig) else load_config(config)
+    cfg = with_teacher_data_defaults(config if isinstance(config, LoadedConfig) else load_config(config))
     force = list(force)
     for name in [*force, *([until] if until else [])]:
         if name not in ORDER:

@@ -117,3 +117,33 @@ def check_model_ref(name: str, base: Path) -> bool:
         check_timm_name(name[len(TIMM_PREFIX) :])
         return True
     return False
+
+
+def with_teacher_data_defaults(cfg: LoadedConfig) -> LoadedConfig:
+    """The config with ``data.image_size`` (and recipe imagenet's ``crop_fraction``) taken from a loaded timm
+    teacher's pretrained config, where the config leaves them unset; ``cfg`` itself when nothing changes.
+
+    Only for image-file datasets (the built-in ones have their own size) and weights loaded from a file (a
+    teacher trained here learns at the data's size). Idempotent, so every entry point may apply it.
+    """
+    from kdpipe.config import FILE_DATASETS
+
+    conf, data = cfg.config.teacher, cfg.config.data
+    arch = conf.arch or ""
+    if conf.source == "python" or not arch.startswith("timm:") or data.dataset not in FILE_DATASETS:
+        return cfg
+    if weights_path(cfg) is None:
+        return cfg
+    import timm
+
+    pretrained = timm.models.get_pretrained_cfg(arch[len("timm:") :], allow_unregistered=True)
+    if pretrained is None:
+        return cfg
+    update: dict[str, Any] = {}
+    if data.image_size is None and pretrained.input_size:
+        update["image_size"] = int(pretrained.input_size[-1])
+    if data.recipe == "imagenet" and "crop_fraction" not in data.imagenet.model_fields_set and pretrained.crop_pct:
+        update["imagenet"] = data.imagenet.model_copy(update={"crop_fraction": float(pretrained.crop_pct)})
+    if not update:
+        return cfg
+    return LoadedConfig(cfg.config.model_copy(update={"data": data.model_copy(update=update)}), cfg.path)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from kdpipe.config import Normalize
 from kdpipe.errors import ConfigError
@@ -85,3 +86,26 @@ def test_the_size_verdict_names_the_factor_that_fits():
     assert "1,833 parameters (body 500 + projector 1,333 + head 0), not fewer than the teacher's 1,000" in msg
     assert "distill.factor: 9 (now 2)" in msg
     assert "no projector factor fits" in size_verdict({"projector": 1, "total": 2000}, 1000, None, 2)
+
+
+def test_a_loaded_timm_teachers_input_size_and_crop_become_the_datas_defaults(tmp_path):
+    from kdpipe.config import load_config
+    from kdpipe.ml.teacher_build import with_teacher_data_defaults
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "w.safetensors").write_bytes(b"")
+
+    def cfg(data, teacher=None):
+        teacher = teacher or {"source": "checkpoint", "arch": "timm:resnet10t", "path": "w.safetensors"}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"dataset": "imagefolder", "root": "imgs", **data},
+                                                         "teacher": teacher}))  # fmt: skip
+        return load_config(tmp_path / "p.yaml")
+
+    got = with_teacher_data_defaults(cfg({"recipe": "imagenet"})).config.data
+    assert got.image_size == 176 and got.imagenet.crop_fraction == 0.875  # resnet10t.c3_in1k: 176 px, crop 0.875
+    assert with_teacher_data_defaults(cfg({"image_size": 64})).config.data.image_size == 64  # the config wins
+    trained = cfg({}, {"source": "train", "arch": "timm:resnet10t"})
+    assert with_teacher_data_defaults(trained) is trained  # trained here: at the data's own size
+    vit_teacher = {"source": "checkpoint", "arch": "timm:vit_tiny_patch16_224", "path": "w.safetensors"}
+    vit = with_teacher_data_defaults(cfg({"recipe": "imagenet"}, vit_teacher)).config.data
+    assert vit.image_size == 224 and vit.imagenet.crop_fraction == 0.9
