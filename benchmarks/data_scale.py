@@ -16,7 +16,7 @@ reused. The last two lines read exactly::
     peak rss at 4N = <MB> MB
     rss ratio 4N/N = <x.xx>
 
-    python benchmarks/data_scale.py [--n 5000] [--steps 24] [--work DIR]
+    python benchmarks/data_scale.py [--n 5000] [--steps 16] [--work DIR]
 """
 
 from __future__ import annotations
@@ -119,7 +119,13 @@ def run(root: Path, data: dict, workdir: Path, steps: int) -> tuple[float, float
     config = {
         "cache_dir": str(workdir / "cache"),
         "output_dir": str(workdir / "out"),
-        "data": {"dataset": "imagefolder", "root": str(root), "train_subset": steps * BATCH, **data},
+        "data": {
+            "dataset": "imagefolder",
+            "root": str(root),
+            "train_subset": steps * BATCH,
+            "val_fraction": 0.02,
+            **data,
+        },
         "teacher": {"arch": "tiny_cnn_wide", "train": {"epochs": 1, "batch_size": BATCH, "lr": 0.05}},
         "distill": {"student": "tiny_cnn", "train": {"epochs": 1, "batch_size": BATCH, "lr": 0.05}},
         "runtime": {"progress": False, "threads": 1},
@@ -152,7 +158,7 @@ def run(root: Path, data: dict, workdir: Path, steps: int) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="N: training images of the smaller set (4N ≤ 60,000)")
-    parser.add_argument("--steps", type=int, default=24, help=f"training steps per stage (batch {BATCH})")
+    parser.add_argument("--steps", type=int, default=16, help=f"training steps per stage (batch {BATCH})")
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--work", type=Path, default=None, help="where the images and runs go (kept, reused)")
     args = parser.parse_args()

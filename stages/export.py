@@ -8,6 +8,7 @@ input shape and layout, mean/std, kdpipe version, this stage's cache key, the ar
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kdpipe.config import LoadedConfig
@@ -47,13 +48,30 @@ class ExportStage(Stage):
 
         conf = ctx.conf
         data, _ = ctx.data()
-        test = normalize(data.test_x, data.mean, data.std)
+        # the first test images (parity, bundle samples); the whole split is only ever read a chunk at a time
+        head = normalize(data.test_x[: max(conf.parity.samples, conf.bundle_samples)], data.mean, data.std)
         out: dict[str, Any] = {"input_shape": list(data.input_shape), "models": {}}
-        metadata = self.export_models(ctx, test[: conf.parity.samples], out)
-        self.make_variants(ctx, test.numpy(), data.test_y.numpy(), metadata, out)
+        metadata = self.export_models(ctx, head[: conf.parity.samples], out)
+        self.make_variants(ctx, head.numpy(), data.test_y.numpy(), metadata, out)
         if conf.bundle_samples:
-            self.save_samples(ctx, test.numpy(), data.test_y.numpy(), out)
+            self.save_samples(ctx, head.numpy(), data.test_y.numpy(), out)
         return out
+
+    @staticmethod
+    def test_logits(ctx: StageContext, path: Any) -> Any:
+        """Logits of the ONNX model at ``path`` on the whole test split, normalised a chunk at a time: memory
+        follows the image size, not the test split's (a streamed split is decoded again for each model)."""
+        import numpy as np
+
+        from kdpipe.exporters.variants import evaluate_onnx
+        from kdpipe.ml.data import normalize
+        from kdpipe.ml.training import EVAL_PIXELS
+
+        data, _ = ctx.data()
+        chunk = max(1, min(1024, EVAL_PIXELS // math.prod(data.input_shape)))
+        chunk = chunk // 256 * 256 or chunk  # keep evaluate_onnx's 256-image batches where the chunk allows
+        chunks = (data.test_x[i : i + chunk] for i in range(0, len(data.test_y), chunk))
+        return np.concatenate([evaluate_onnx(path, normalize(x, data.mean, data.std).numpy()) for x in chunks])
 
     def export_models(self, ctx: StageContext, images: Any, out: dict[str, Any]) -> dict[str, str]:
         """The fp32 student (and teacher) to ONNX, parity checked on ``images``; returns the files' metadata."""
@@ -98,9 +116,10 @@ class ExportStage(Stage):
         return metadata
 
     def make_variants(
-        self, ctx: StageContext, test: Any, labels: Any, metadata: dict[str, str], out: dict[str, Any]
+        self, ctx: StageContext, head: Any, labels: Any, metadata: dict[str, str], out: dict[str, Any]
     ) -> dict[str, Any]:
-        """Each configured variant of the student, re-validated on the whole test split against the fp32 student."""
+        """Each configured variant of the student, re-validated on the whole test split against the fp32 student
+        (``head``: the first test images, normalised)."""
         from kdpipe.exporters.onnx_export import stamp_metadata
         from kdpipe.exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
         from kdpipe.ml.data import normalize
@@ -109,7 +128,7 @@ class ExportStage(Stage):
         if not conf.variants:
             return {}
         data, splits = ctx.data()
-        reference = evaluate_onnx(ctx.out_dir / "student.onnx", test)
+        reference = self.test_logits(ctx, ctx.out_dir / "student.onnx")
         expected = {"student": reference}
         q = conf.quantization
         calibration = normalize(data.train_x[splits.train_idx[: q.calibration_samples]], data.mean, data.std).numpy()
@@ -118,7 +137,7 @@ class ExportStage(Stage):
             from kdpipe.stages.qad import qad_source
 
             ctx.log("export: quantisation-aware distillation of the student")
-            parity_images = test[: conf.parity.samples]
+            parity_images = head[: conf.parity.samples]
             sources["qad"], summary, fake = qad_source(ctx, calibration, parity_images, conf.opset, conf.exporter)
             qad = (summary, parity_images, fake)
         # int8_fallback's sensitivity analysis and its stopping rule see validation images only, never test
@@ -151,7 +170,7 @@ class ExportStage(Stage):
                 parity = compare(evaluate_onnx(path, parity_images), fake)
                 info["qad"] = {**summary, "fake_quant_parity": {"samples": len(fake), **parity}}
             stamp_metadata(path, {**metadata, "role": name, "variant": variant})
-            expected[name] = evaluate_onnx(path, test)
+            expected[name] = self.test_logits(ctx, path)
             result = compare(expected[name], reference, labels)
             out["models"][name] = {
                 "file": path.name,
@@ -170,7 +189,7 @@ class ExportStage(Stage):
             }
         return expected
 
-    def save_samples(self, ctx: StageContext, test: Any, labels: Any, out: dict[str, Any]) -> None:
+    def save_samples(self, ctx: StageContext, head: Any, labels: Any, out: dict[str, Any]) -> None:
         """``samples.npz``: the first test images and every model's expected logits, for on-device checks.
 
         The expected logits are computed exactly as the bundle's runner computes them (its own function: the
@@ -181,7 +200,7 @@ class ExportStage(Stage):
         from kdpipe.edge.runner import sample_outputs
 
         n = ctx.conf.bundle_samples
-        images = np.ascontiguousarray(test[:n], dtype=np.float32)
+        images = np.ascontiguousarray(head[:n], dtype=np.float32)
         expected = {
             name: sample_outputs(str(ctx.out_dir / info["file"]), images, threads=1)
             for name, info in out["models"].items()

@@ -41,6 +41,20 @@ class FeaturesStage(Stage):
             return {"features": {"enabled": False}}
         return section
 
+    def check(self, cfg: Any) -> None:
+        """Cached features replay crops of images held in memory: a streamed dataset runs the teacher online."""
+        if not cfg.config.features.enabled:
+            return
+        from kdpipe.ml.imagedata import will_stream
+
+        if will_stream(cfg):
+            raise ConfigError(
+                "features.enabled",
+                "cached teacher features need the dataset in memory, and this one streams (data.in_memory, "
+                "data.recipe, data.memory_budget_mb); set features.enabled: false to run the teacher online",
+                cfg.source,
+            )
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         conf = ctx.cfg.config.features
         if not conf.enabled:

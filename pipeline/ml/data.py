@@ -293,7 +293,7 @@ def train_batches(
     Streamed splits read their batches through loader workers (the same :class:`Batch`, this rank's share).
     """
     if not isinstance(splits, Splits):
-        yield from splits.train_batches(batch_size, seed, epoch, views)
+        yield from splits.train_batches(batch_size, seed, epoch, conf, views)
         return
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=g)]

@@ -40,8 +40,10 @@ class ImageFiles(torch.utils.data.Dataset):
     :class:`EpochSampler`, which seeds that image's augmentation.
     """
 
-    def __init__(self, files: FileList, geo: Geometry, transform: Callable, draft: tuple[int, int] | None) -> None:
-        self.files, self.geo, self.transform, self.draft = files, geo, transform, draft
+    def __init__(
+        self, files: FileList, geo: Geometry, transform: Callable, draft: tuple[int, int] | None, random: bool = False
+    ) -> None:
+        self.files, self.geo, self.transform, self.draft, self.random = files, geo, transform, draft, random
 
     def __len__(self) -> int:
         return len(self.files)
@@ -50,7 +52,7 @@ class ImageFiles(torch.utils.data.Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         return _decode(
             self.files.path(i), int(self.files.labels[i]), i, self.geo, self.transform, self.draft,
-            None if seed is None else sample_seed(seed, 0, i),
+            None if seed is None or not self.random else sample_seed(seed, 0, i),
         )  # fmt: skip
 
     def name(self, index: int) -> str:

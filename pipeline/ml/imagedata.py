@@ -50,6 +50,27 @@ def choose_in_memory(cfg: LoadedConfig, images: int, shape: tuple[int, ...]) -> 
     return conf.recipe == "cifar" and decoded_bytes(images, shape) <= conf.memory_budget_mb * 2**20
 
 
+def will_stream(cfg: LoadedConfig) -> bool:
+    """Whether the configured dataset streams (lists the files and reads the first image's header)."""
+    conf = cfg.config.data
+    if conf.dataset not in FILE_DATASETS:
+        return False
+    if conf.dataset == "webdataset" or conf.recipe == "imagenet" or conf.in_memory is False:
+        return True
+    found = sources.listing(cfg)
+    train = found.splits["train"]
+    images = len(train) + len(found.splits["test"]) + len(found.splits.get("val", ()))
+    return not choose_in_memory(cfg, images, _first_geometry(cfg, train.path(0)).shape)
+
+
+def _first_geometry(cfg: LoadedConfig, first: Any) -> Any:
+    """The geometry the first training image implies; an unreadable one is one line naming it."""
+    try:
+        return geometry(cfg.config.data, first)
+    except Exception as exc:
+        raise UsageError(f"{first}: unreadable image ({exc})") from None
+
+
 def _loaders(cfg: LoadedConfig) -> Loaders:
     runtime = cfg.config.runtime
     pin = runtime.device != "cpu" and torch.cuda.is_available()
@@ -83,8 +104,7 @@ def _decode_all(ds: ImageFiles, loaders: Loaders, bad: BadImages) -> tuple[torch
     ok = np.ones(len(ds), dtype=bool)
     pos = 0
     for x, _, index, errors in loaders.make(ds, batch_size=256):
-        names = [ds.name(int(i)) for i in index]
-        keep = set(bad.check(names, list(errors)))
+        keep = set(bad.check(lambda i, index=index: ds.name(int(index[i])), errors))
         ok[pos : pos + len(x)] = [i in keep for i in range(len(x))]
         out[pos : pos + len(x)] = x
         pos += len(x)
@@ -108,10 +128,7 @@ def _open_files(cfg: LoadedConfig) -> tuple[Any, Any]:
             train_idx = np.sort(train_idx[np.argsort(rank)[: conf.train_subset]])
     else:
         train_idx, val_idx = filelists.split_train(conf, train)
-    try:
-        geo = geometry(conf, train.path(0))
-    except Exception as exc:
-        raise UsageError(f"{train.path(0)}: unreadable image ({exc})") from None
+    geo = _first_geometry(cfg, train.path(0))
     loaders = _loaders(cfg)
     eval_t = eval_transform(conf, geo)
     stats_rows = _stats_rows(conf.seed, train, train_idx)

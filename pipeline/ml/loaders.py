@@ -15,7 +15,7 @@ Memory therefore depends on the batch size, the workers and their prefetch, not 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +42,14 @@ class BadImages:
     seen: set[str] = field(default_factory=set)
     listed: list[str] = field(default_factory=list)  # found while listing files (missing, empty folders)
 
-    def check(self, names: list[str], errors: list[str]) -> list[int]:
-        """Rows of a batch to keep; raises (one line naming the file) unless skipping."""
+    def check(self, name: Callable[[int], str], errors: Sequence[str]) -> list[int]:
+        """Rows of a batch to keep; raises (one line naming the file, ``name(row)``) unless skipping."""
         bad = [i for i, e in enumerate(errors) if e]
-        if bad and not self.skip:
-            i = bad[0]
-            raise UsageError(f"{names[i]}: unreadable image ({errors[i]}); {SKIP_HINT}")
-        self.seen.update(names[i] for i in bad)
+        if not bad:
+            return list(range(len(errors)))
+        if not self.skip:
+            raise UsageError(f"{name(bad[0])}: unreadable image ({errors[bad[0]]}); {SKIP_HINT}")
+        self.seen.update(name(i) for i in bad)
         return [i for i in range(len(errors)) if not errors[i]]
 
     def report(self) -> dict[str, Any]:
@@ -68,11 +69,12 @@ class Loaders:
 
     def make(self, dataset: Any, **kw: Any) -> torch.utils.data.DataLoader:
         workers = kw.pop("workers", self.workers)
+        persistent = kw.pop("persistent", False)
         return torch.utils.data.DataLoader(
             dataset,
             num_workers=workers,
             pin_memory=self.pin,
-            persistent_workers=workers > 0 and kw.pop("persistent", False),
+            persistent_workers=workers > 0 and persistent,
             prefetch_factor=2 if workers > 0 else None,
             multiprocessing_context="fork" if workers > 0 and hasattr(os, "fork") else None,
             **kw,
@@ -101,8 +103,8 @@ class LazyImages:
 
     def _collect(self, batch: Any) -> torch.Tensor:
         x, _, index, errors = batch
-        names = [self.owner.describe(self.split, int(i), e) for i, e in zip(index, errors, strict=True)]
-        self.owner.bad.check(names, list(errors))  # in evaluation a skipped image stays blank, keeping labels aligned
+        # in evaluation a skipped image stays blank, keeping the labels aligned
+        self.owner.bad.check(lambda i: self.owner.describe(self.split, int(index[i]), errors[i]), errors)
         return x
 
     def __getitem__(self, key: slice | torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -208,7 +210,8 @@ class StreamSplits:
         key = (os.getpid(), local, size)
         if key not in self._train:
             d = self.data
-            transform, draft = d.transforms["train"]
+            # recipe cifar: workers decode, the main process augments whole batches (see train_batches)
+            transform, draft = d.transforms["train"] or d.transforms["eval"]
             if self.streamed_train:
                 shards, keep = d.sources["train"]
                 ds = ShardImages(
@@ -217,7 +220,7 @@ class StreamSplits:
                 self._train[key] = (ds, d.loaders.make(ds, batch_size=local))
             else:
                 sampler = EpochSampler(self.train_idx.numpy(), local, seed, rank, size)
-                ds = ImageFiles(d.sources["train"], d.geo, transform, draft)
+                ds = ImageFiles(d.sources["train"], d.geo, transform, draft, random=d.transforms["train"] is not None)
                 self._train[key] = (sampler, d.loaders.make(ds, batch_size=local, sampler=sampler, persistent=True))
         source, loader = self._train[key]
         source.seed = seed
@@ -231,22 +234,38 @@ class StreamSplits:
             return max(1, len(self.train_idx) // glob)
         return self._sampler_loader(batch_size, seed)[0].steps()
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, views: Any = None) -> Iterator[Any]:
-        """One epoch of augmented, normalised batches (this rank's share under data-parallel training)."""
-        from kdpipe.ml.data import Batch, normalize
+    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: Any, views: Any = None) -> Iterator[Any]:
+        """One epoch of augmented, normalised batches (this rank's share under data-parallel training).
+
+        Recipe cifar augments in the main process with the in-memory path's generator, drawn in the same order
+        (the permutation, then each global batch's crops and flips), so both paths train on the same batches."""
+        from kdpipe.ml.data import Batch, apply_params, normalize, sample_params
 
         if views is not None:
             raise UsageError("cached teacher features (features.enabled) need the in-memory data path")
+        from kdpipe.ml.distributed import world
+
+        rank, size = world()
         epoch_source, loader = self._sampler_loader(batch_size, seed)
         epoch_source.set_epoch(epoch)
         steps = self.steps_per_epoch(batch_size, seed)
+        batched = self.data.transforms["train"] is None
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        if batched and not self.streamed_train:
+            torch.randperm(
+                len(self.train_idx), generator=g
+            )  # the sampler's permutation, as the in-memory path draws it
         made = 0
         while made < steps:
             produced = 0
             for x, y, index, errors in loader:
                 produced += 1
-                names = [self.data.describe("train", int(i), e) for i, e in zip(index, errors, strict=True)]
-                keep = self.data.bad.check(names, list(errors))
+                if batched:  # the whole global batch's parameters, this rank's rows
+                    params = sample_params(len(y) * size, augment, g)
+                    x = apply_params(x, *(p[rank::size] for p in params), augment)
+                keep = self.data.bad.check(
+                    lambda i, ix=index, er=errors: self.data.describe("train", int(ix[i]), er[i]), errors
+                )
                 if len(keep) < len(errors):
                     x, y, index = x[keep], y[keep], index[keep]
                 if len(y) >= 2:  # BatchNorm cannot train on one image

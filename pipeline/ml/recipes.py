@@ -35,15 +35,17 @@ class Geometry:
         return (self.channels, *self.size)
 
 
-def open_image(source: Path | bytes, channels: int, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode one image into 'L' or 'RGB'. ``draft`` lets the JPEG decoder skip resolution the transform
-    would throw away (it keeps at least that size). Raises on an unreadable or truncated file."""
-    im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    if draft is not None and im.format == "JPEG":
-        im.draft("L" if channels == 1 else "RGB", draft)
-    out = im.convert("L" if channels == 1 else "RGB")
-    out.load()
-    return out
+def open_image(source: Path | bytes, channels: int, draft: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode one image (PIL) into a uint8 C×H×W tensor of ``channels`` (1: grayscale, 3: RGB). ``draft``
+    lets the JPEG decoder skip resolution the transform would throw away (it keeps at least that size).
+    Raises on an unreadable or truncated file. (torchvision.io's decoders are deprecated since 0.29.)"""
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        if draft is not None and im.format == "JPEG":
+            im.draft(mode, draft)
+        out = im.convert(mode)
+        out.load()
+    return v2.functional.pil_to_tensor(out)
 
 
 def geometry(conf: DataConfig, first: Path | bytes) -> Geometry:
@@ -78,34 +80,31 @@ def _eval_resize(conf: DataConfig, geo: Geometry) -> tuple[list[Callable], tuple
 
 
 def eval_transform(conf: DataConfig, geo: Geometry) -> tuple[v2.Transform, tuple[int, int]]:
-    """PIL image → uint8 tensor for evaluation (and the in-memory path): (transform, JPEG draft size)."""
+    """uint8 image → resized (and cropped) uint8 image (evaluation, in-memory path), and the JPEG draft size."""
     ops, draft = _eval_resize(conf, geo)
-    return v2.Compose([v2.PILToTensor(), *ops]), draft
+    return v2.Compose(ops), draft
 
 
-def train_transform(conf: DataConfig, geo: Geometry) -> tuple[v2.Transform, tuple[int, int] | None]:
-    """PIL image → augmented uint8 tensor: (transform, JPEG draft size or None).
+def train_transform(conf: DataConfig, geo: Geometry) -> tuple[Callable, None] | None:
+    """uint8 image tensor → augmented uint8 tensor for recipe imagenet: RandomResizedCrop(scale, ratio), flip, optional
+    TrivialAugmentWide / RandAugment (random crops of the full image: per image, in the workers).
 
-    cifar: square resize, zero-padded random crop, flip (today's in-memory recipe, per image).
-    imagenet: RandomResizedCrop(scale, ratio), flip, optional TrivialAugmentWide / RandAugment.
+    None for recipe cifar: its pad-crop-flip runs on whole batches in the main process, exactly as on the
+    in-memory path (the same generator, so a streamed epoch and an in-memory one are the same batches).
     """
+    if conf.recipe != "imagenet":
+        return None
+    r = conf.imagenet
     flip = [v2.RandomHorizontalFlip()] if conf.augment.horizontal_flip else []
-    if conf.recipe == "imagenet":
-        r = conf.imagenet
-        ops: list[Callable] = [
-            v2.PILToTensor(),
-            v2.RandomResizedCrop(geo.size, scale=tuple(r.scale), ratio=tuple(r.ratio), antialias=True),
-            *flip,
-        ]
-        if r.auto_augment == "trivialaugment":
-            ops.append(v2.TrivialAugmentWide())
-        elif r.auto_augment == "randaugment":
-            ops.append(v2.RandAugment())
-        return v2.Compose(ops), None
-    resize, draft = _eval_resize(conf, geo)
-    pad = conf.augment.random_crop_padding
-    crop = [v2.RandomCrop(geo.size, padding=pad, fill=0)] if pad else []
-    return v2.Compose([v2.PILToTensor(), *resize, *crop, *flip]), draft
+    ops: list[Callable] = [
+        v2.RandomResizedCrop(geo.size, scale=tuple(r.scale), ratio=tuple(r.ratio), antialias=True),
+        *flip,
+    ]
+    if r.auto_augment == "trivialaugment":
+        ops.append(v2.TrivialAugmentWide())
+    elif r.auto_augment == "randaugment":
+        ops.append(v2.RandAugment())
+    return v2.Compose(ops), None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -113,7 +112,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
 
 
-def seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int | None) -> torch.Tensor:
+def seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int | None) -> torch.Tensor:
     """Apply ``transform`` with its random choices drawn from ``seed`` (the caller's RNG state is kept)."""
     if seed is None:
         return transform(image)
