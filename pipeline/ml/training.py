@@ -29,6 +29,7 @@ from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch,
 CHECKPOINT = "epoch.pt"
 PREVIOUS = "epoch.prev.pt"  # the checkpoint before the last: kept until the next one is complete
 log = logging.getLogger("kdpipe")
+EVAL_PIXELS = 1 << 24  # values per evaluation batch (64 MB of float32 input)
 
 
 def make_optimizer(params: Iterable[nn.Parameter], conf: TrainConfig) -> torch.optim.Optimizer:
@@ -67,9 +68,13 @@ def lr_factor(conf: TrainConfig, steps: int) -> Callable[[int], float]:
 def predict(
     model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """Logits (on CPU, float32) for uint8 images, in eval mode."""
+    """Logits (on CPU, float32) for uint8 images (a tensor or a streamed image sequence), in eval mode.
+
+    Batches hold at most :data:`EVAL_PIXELS` values, so 224-px images are evaluated ~110 at a time whatever
+    ``batch_size`` says: memory depends on the image size, never on how many images there are."""
     model.eval()
     out = []
+    batch_size = max(1, min(batch_size, EVAL_PIXELS // max(1, math.prod(images.shape[1:]))))
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size].to(device), mean, std)
         out.append(model(x).float().cpu())
