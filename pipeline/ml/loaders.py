@@ -119,6 +119,7 @@ class LazyImages:
             if scan is None or scan[0] != os.getpid() or scan[1] != start or scan[2] != size:
                 if self.rows is None and start != 0:
                     raise IndexError("shard images are read in order from the start")
+                self._scan = scan = None  # let the previous scan's workers go before new ones start
                 it = iter(self._loader(self.rows, size, start))
             else:
                 it = scan[3]

@@ -29,8 +29,8 @@ def folder(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("img") / "photos")
 
 
-def run(tmp_path: Path, data: dict, *args: str) -> subprocess.CompletedProcess:
-    config = deep_merge(deep_merge(TINY, FAST), {"data": data})
+def run(tmp_path: Path, data: dict, *args: str, extra: dict | None = None) -> subprocess.CompletedProcess:
+    config = deep_merge(deep_merge(deep_merge(TINY, FAST), {"data": data}), extra or {})
     config["data"] = {k: v for k, v in config["data"].items() if k != "synthetic"}
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
     return subprocess.run([*KDPIPE, "run", *args], cwd=tmp_path, capture_output=True, text=True)
@@ -108,3 +108,18 @@ def test_an_empty_class_folder_a_missing_list_row_and_a_non_tar_shard(tmp_path):
     (tmp_path / "s" / "train-000.tar").write_text("not a tar")
     shards = {"train": str(tmp_path / "s" / "train-000.tar"), "test": str(tmp_path / "s" / "train-000.tar")}
     one_line_exit_2(run(tmp_path, {"dataset": "webdataset", "shards": shards}), "train-000.tar")
+
+
+def test_streamed_data_parallel_training_from_the_cli(folder, tmp_path):
+    """Two forked ranks each read their share of every global batch through their own loader workers."""
+    data = {"dataset": "imagefolder", "root": str(folder), "image_size": 16, "in_memory": False, "workers": 1}
+    out = run(tmp_path, data, "--nproc", "2", "--until", "distill")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("done") == 3
+
+
+def test_cached_features_on_streamed_data_are_refused_before_any_stage(folder, tmp_path):
+    data = {"dataset": "imagefolder", "root": str(folder), "image_size": 16, "in_memory": False}
+    out = run(tmp_path, data, extra={"features": {"enabled": True}})
+    one_line_exit_2(out, "features.enabled")
+    assert "running" not in out.stdout
