@@ -121,10 +121,10 @@ def _save_atomic(obj: Any, path: Path) -> None:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
             digest = sha256_file(tmp)
-            if path.exists():
-                os.replace(path, previous)
+            if path.exists():  # the digest first: a kill between the renames leaves the newest checkpoint usable
                 if _digest_file(path).exists():
                     os.replace(_digest_file(path), _digest_file(previous))
+                os.replace(path, previous)
         atomic_write_text(_digest_file(path), digest)
 
 

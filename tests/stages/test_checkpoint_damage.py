@@ -110,3 +110,28 @@ def test_checkpoint_that_will_not_fit_fails_before_writing(straight, tmp_path, m
     monkeypatch.setattr(ds, "free_bytes", lambda path: 1000)
     with pytest.raises(DiskFullError, match=r"needs ~.* free 1000 B"):
         _fit(splits, cfg, tmp_path / "work")
+
+
+@pytest.mark.parametrize("moment", [1, 2, 3, 4])
+def test_killed_at_every_moment_of_a_checkpoint_write(straight, tmp_path, monkeypatch, moment):
+    """The second epoch's checkpoint renames the digest, then the checkpoint, puts the new one in place, writes its
+    digest: a run killed after any of these resumes and ends with the uninterrupted run's weights."""
+    import os
+
+    cfg, splits, model, result = straight
+    real, calls = os.replace, {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2 + moment:  # the first epoch's checkpoint made 2 renames
+            raise Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        _fit(splits, cfg, tmp_path / "work")
+    monkeypatch.setattr(os, "replace", real)
+    resumed, res, _ = _fit(splits, cfg, tmp_path / "work")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+    assert [h["val_top1"] for h in res["history"]] == [h["val_top1"] for h in result["history"]]
