@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,5 +92,7 @@ class FileDigests:
     def save(self) -> None:
         if not self._dirty:
             return
+        if self.path.is_dir() and not self.path.is_symlink():  # damaged state: a folder in the memo's place
+            shutil.rmtree(self.path)
         atomic_write_text(self.path, json.dumps(self._memo))
         self._dirty = False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -64,6 +65,8 @@ class CacheLock:
             return self
         self._created = not self.cache_dir.exists()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir() and not self.path.is_symlink():  # damaged state: nobody can hold a folder
+            shutil.rmtree(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

@@ -229,7 +229,10 @@ def record_run(cfg: LoadedConfig, steps: list[Step], started: float) -> dict[str
             s.stage: {"key": s.key, "cached": not s.ran, "seconds": s.seconds, "payload": s.payload} for s in steps
         },
     }
-    atomic_write_json(cfg.cache_dir / LAST_RUN, record)
+    target = cfg.cache_dir / LAST_RUN
+    if target.is_dir() and not target.is_symlink():  # damaged state: a folder in the record's place
+        shutil.rmtree(target)
+    atomic_write_json(target, record)
     return record
 
 

@@ -112,3 +112,16 @@ def test_a_real_full_disk_then_recovery(project, capsys, tiny_disk, features):
     assert not list((disk / "cache").glob("*/.tmp-*"))  # no half-built entry
     resize("2g")  # a size limit, not memory taken: the features stage keeps 1 GiB spare
     assert main(["run", "--until", "distill"]) == 0  # recovered: the same cache, now with room
+
+
+def test_folders_where_the_cache_keeps_its_files(project, capsys):
+    """Damaged state of another kind: the lock file, the digest memo and the last-run record are folders."""
+    assert main(["run", "--until", "teacher"]) == 0
+    cache = project / ".kdpipe"
+    for name in (".lock", "fingerprints.json", "last_run.json"):
+        target = cache / name
+        target.unlink(missing_ok=True)
+        (target / "junk").mkdir(parents=True)
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, {"distill": {"train": {"epochs": 1}}})))
+    assert main(["run", "--until", "distill"]) == 0, capsys.readouterr().err
+    assert (cache / "last_run.json").is_file()
