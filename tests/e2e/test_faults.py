@@ -125,3 +125,23 @@ def test_folders_where_the_cache_keeps_its_files(project, capsys):
     (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, {"distill": {"train": {"epochs": 1}}})))
     assert main(["run", "--until", "distill"]) == 0, capsys.readouterr().err
     assert (cache / "last_run.json").is_file()
+
+
+def test_two_runs_on_one_cache_run_one_after_the_other(project):
+    """Two `kdpipe run`s started together: the second waits, names the first, then finds its work cached."""
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env
+
+    cmd = [sys.executable, "-c", "from kdpipe.cli import entry; entry()", "run", "--until", "distill"]
+    procs = [
+        subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("▶ teacher") == 1 and stdout.count("▶ distill") == 1  # each stage ran once
+    waited = [err for _, err in outs if "waiting for cache" in err]
+    assert len(waited) == 1 and "in use by pid " in waited[0]
