@@ -227,6 +227,22 @@ def models() -> None:
     click.echo("torchvision:<name>  (any torchvision classification model)")
 
 
+@cli.command()
+@click.option("--verify", is_flag=True, help="Also check the files' sha256 against the manifest.")
+def teachers(verify: bool) -> None:
+    """List the teachers shipped with kdpipe (use one with teacher.path: shipped:NAME)."""
+    from kdpipe.errors import UsageError
+    from kdpipe.teachers import describe, manifest
+    from kdpipe.teachers import verify as verify_file
+
+    click.echo("\n".join(describe()))
+    if verify:
+        bad = [name for name in sorted(manifest()) if not verify_file(name)]
+        if bad:
+            raise UsageError(f"shipped teacher file(s) differ from the manifest's sha256: {', '.join(bad)}; reinstall")
+        click.echo(f"sha256 verified: {len(manifest())} file(s)")
+
+
 model_option = click.option(
     "--model", "model_names", multiple=True, metavar="NAME", help="Only this model (repeatable; default: all exported)."
 )

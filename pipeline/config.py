@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+import kdpipe.teachers as shipped
 from kdpipe.errors import ConfigError
 from kdpipe.yamlfile import load_file as load_yaml_file
 from kdpipe.yamlfile import loads as load_yaml
@@ -224,7 +225,10 @@ class TeacherConfig(Section):
         "{patch_size: 4, depth: 2}).",
     )
     path: str | None = Field(
-        None, description="Weights: a .safetensors file or a PyTorch state_dict file (or the TorchScript file)."
+        None,
+        description="Weights: a .safetensors file or a PyTorch state_dict file (or the TorchScript file), or "
+        "`shipped:NAME`: a teacher shipped with kdpipe (`kdpipe teachers` lists them; source and arch then default to "
+        "the shipped one's).",
     )
     allow_pickle: bool = Field(
         False, description="Load `path` with weights_only=False. A pickle is code: only for files you trust."
@@ -244,6 +248,23 @@ class TeacherConfig(Section):
         None, description="The fx node whose output is the last feature map; null finds the input of the global pool."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe (source: train).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shipped(cls, data: Any) -> Any:
+        """``path: shipped:NAME`` is a checkpoint of the shipped architecture unless the user says otherwise."""
+        if not isinstance(data, dict) or not shipped.is_shipped(data.get("path")):
+            return data
+        try:
+            e = shipped.entry(data["path"])
+        except ConfigError as exc:
+            raise ValueError(f"path: {exc.detail}") from None
+        data = {"source": "checkpoint", "arch": e["arch"], **data}
+        if data["source"] != "checkpoint":
+            raise ValueError(f"a shipped teacher is a checkpoint, not source '{data['source']}'")
+        if data["arch"] != e["arch"]:
+            raise ValueError(f"shipped teacher {data['path']} is a {e['arch']}, not {data['arch']}; drop `arch`")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
@@ -510,6 +531,16 @@ class PipelineConfig(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _shipped_teacher_fits_the_data(self) -> PipelineConfig:
+        """A shipped teacher knows one dataset; on another one it would silently be a bad teacher."""
+        if shipped.is_shipped(self.teacher.path):
+            trained_on = shipped.entry(self.teacher.path)["dataset"]
+            if trained_on != self.data.dataset:
+                raise ValueError(f"teacher.path: {self.teacher.path} was trained on {trained_on}, "
+                                 f"data.dataset is {self.data.dataset}")  # fmt: skip
+        return self
+
 
 def launched_world_size() -> int:
     """torchrun's WORLD_SIZE when it started this process as one of several, else 1 (no torch import)."""
@@ -529,6 +560,8 @@ class LoadedConfig:
         return self.path.name if self.path else "<config>"
 
     def resolve(self, value: str) -> Path:
+        if shipped.is_shipped(value):  # a teacher shipped inside the package
+            return shipped.shipped_path(value, source=self.source)
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base / p)
 

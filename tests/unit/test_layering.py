@@ -1,7 +1,8 @@
 """The architecture, checked: one `kdpipe` namespace, imports point down, no cycles.
 
 Layers, bottom up (docs/architecture.md):
-  0  kdpipe.version, errors, fileio, registry, config, cache   the ground floor
+  0  kdpipe.version, errors, fileio, registry, config, cache,  the ground floor
+     teachers (the shipped teachers' manifest)
   1  kdpipe.ml, kdpipe.reporting, kdpipe.edge, kdpipe.exporters  the toolkits
   2  kdpipe.stages                                             one file per stage
   3  kdpipe.runner, kdpipe.cli, kdpipe (the package API)         the top floor
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"kdpipe": "pipeline", "kdpipe.stages": "stages", "kdpipe.exporters": "exporters"}
 GROUND = {
     "kdpipe.version", "kdpipe.errors", "kdpipe.fileio", "kdpipe.registry", "kdpipe.config", "kdpipe.cache",
-    "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace",
+    "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace", "kdpipe.teachers",
 }  # fmt: skip
 TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__", "kdpipe.preflight"}
 
