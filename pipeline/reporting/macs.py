@@ -79,9 +79,30 @@ def node_macs(node: Any, shapes: dict[str, list[int]]) -> int | None:
     return 0
 
 
-def count_macs(path: str | Path) -> dict[str, Any]:
-    """``{"macs", "flops", "method", "per_op", "uncounted"}`` per image of one ONNX file (batch 1).
+def part_of(node: Any) -> str | None:
+    """The top-level submodule a node came from (``body``, ``projector``, ``head`` of a SimKD student), if known.
 
+    torch's dynamo exporter stamps each node's module path into ``pkg.torch.onnx.name_scopes``; the
+    TorchScript exporter puts it in the node name (``/projector/projector.1/Conv``).
+    """
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in ast.literal_eval(prop.value) if s]
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[0].split(".")[0] if scopes else None
+    if node.name.startswith("/") and node.name.count("/") > 1:
+        return node.name.split("/")[1].split(".")[0]
+    return None
+
+
+def count_macs(path: str | Path) -> dict[str, Any]:
+    """``{"macs", "flops", "method", "per_op", "per_part", "uncounted"}`` per image of one ONNX file (batch 1).
+
+    ``per_part`` splits the MACs by top-level submodule where the exporter recorded it (else it is empty).
     ``uncounted`` lists compute nodes whose shapes inference could not give; their MACs are missing
     from the total, which is then a lower bound (said, not hidden).
     """
@@ -89,7 +110,7 @@ def count_macs(path: str | Path) -> dict[str, Any]:
 
     model = onnx.load(str(path), load_external_data=False)
     shapes = _shapes(model)
-    total, per_op, uncounted = 0, {}, []
+    total, per_op, per_part, uncounted = 0, {}, {}, []
     for node in model.graph.node:
         macs = node_macs(node, shapes)
         if macs is None:
@@ -98,7 +119,40 @@ def count_macs(path: str | Path) -> dict[str, Any]:
         if macs:
             total += macs
             per_op[node.op_type] = per_op.get(node.op_type, 0) + macs
-    return {"macs": total, "flops": 2 * total, "method": METHOD, "per_op": per_op, "uncounted": uncounted}
+            part = part_of(node) or "other"
+            per_part[part] = per_part.get(part, 0) + macs
+    if set(per_part) == {"other"}:
+        per_part = {}
+    return {
+        "macs": total,
+        "flops": 2 * total,
+        "method": METHOD,
+        "per_op": per_op,
+        "per_part": per_part,
+        "uncounted": uncounted,
+    }
+
+
+def add_macs(report: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Set ``models[name]["macs"]`` for every model whose ONNX file is in ``folder``; returns the report.
+
+    A variant whose own graph cannot be counted (an op this counter does not know) keeps its fp32 model's
+    count, which quantisation does not change; a file that cannot be read at all gets no figure.
+    """
+    models = report.get("models") or {}
+    for m in models.values():
+        file = (m.get("onnx") or {}).get("file")
+        if not file or not (Path(folder) / file).is_file():
+            continue
+        try:
+            m["macs"] = count_macs(Path(folder) / file)
+        except Exception as exc:  # a model the counter cannot read is reported without MACs, never fails a run
+            m["macs"] = {"macs": None, "method": METHOD, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    student = (models.get("student") or {}).get("macs") or {}
+    for m in models.values():
+        if "variant" in m and student.get("macs") and (m.get("macs") or {}).get("uncounted"):
+            m["macs"] = {**student, "note": "the fp32 student's count (quantisation keeps the MACs)"}
+    return report
 
 
 def format_macs(macs: float | None) -> str:
