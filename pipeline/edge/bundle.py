@@ -2,8 +2,9 @@
 
 A bundle is a folder (or a ``.tar.gz`` of one) holding the chosen models' ``.onnx`` files, ``samples.npz`` (when the
 run saved one: test images and each model's expected logits, for a parity check on the device), ``runner.py`` (a copy
-of ``kdpipe/edge/runner.py``), ``spec.json`` (what the runner measures), ``bundle.json`` (what is in it) and a
-``README.txt``. It is built in a temporary folder and moved into place, so an error never leaves half a bundle.
+of ``kdpipe/edge/runner.py``), ``spec.json`` (what the runner measures), ``bundle.json`` (what is in it), the
+run's ``MODEL_CARD.md`` and a ``README.txt``. It is built in a temporary folder and moved into place, so an error
+never leaves half a bundle.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from kdpipe.config import LoadedConfig
 from kdpipe.edge import RUNNER as RUNNER_SOURCE
 from kdpipe.errors import UsageError
 from kdpipe.fileio import atomic_path, sha256_file
+from kdpipe.reporting.model_card import FILE as MODEL_CARD
+from kdpipe.reporting.model_card import render_model_card
 from kdpipe.reporting.report import load_report
 from kdpipe.version import __version__
 
@@ -39,6 +42,7 @@ spec.json says what is measured (batch sizes, threads, providers, timing); edit 
 results.json holds latency percentiles, throughput and peak memory per model and batch size{samples}.
 `kdpipe bench --target ssh://user@host` does all of this over ssh and merges the results into report.json.
 bundle.json lists the files with their sha256, the class names, the input shape and the normalisation.
+MODEL_CARD.md says what the model is, how accurate, fast and big it is, its limitations and its provenance.
 """
 
 
@@ -180,6 +184,7 @@ def populate(cfg: LoadedConfig, report: dict[str, Any], files: dict[str, str], d
     }
     (dest / "spec.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     (dest / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (dest / MODEL_CARD).write_text(render_model_card(report), encoding="utf-8")
     note = ", with a parity check against the expected logits in samples.npz" if samples else ""
     (dest / "README.txt").write_text(README.format(models=", ".join(files), samples=note), encoding="utf-8")
 

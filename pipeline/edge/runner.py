@@ -70,6 +70,27 @@ def peak_rss_mb() -> float | None:
     return peak / 2.0**20 if sys.platform == "darwin" else peak / 1024.0
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, macOS sysctl), else platform.processor() or the machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.split(":")[0].strip() in ("model name", "Hardware", "cpu model"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
 def session_path(model_path: str) -> str:
     """Where a model's tuned session settings live: beside it, ``NAME.session.json`` for ``NAME.onnx``."""
     base = model_path[: -len(".onnx")] if model_path.endswith(".onnx") else model_path
@@ -356,7 +377,7 @@ def run_spec(spec_path: Path, isolate: bool = True) -> dict[str, Any]:
     host = {
         "hostname": platform.node(), "platform": platform.platform(), "machine": platform.machine(),
         "python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "cpu": cpu_name(),
     }  # fmt: skip
     samples = check_samples(spec) if spec["samples"] else {}
     return {"schema": SCHEMA, "host": host, "providers_available": available, "settings": settings,

@@ -25,7 +25,9 @@ from kdpipe.edge import RUNNER
 
 SSHD = Path("/usr/sbin/sshd")
 BENCH = {"batch_sizes": [1, 2], "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "max_seconds": 2.0, "rounds": 2}
-BUNDLE_FILES = {"student.onnx", "teacher.onnx", "samples.npz", "runner.py", "spec.json", "bundle.json", "README.txt"}
+BUNDLE_FILES = {
+    "student.onnx", "teacher.onnx", "samples.npz", "runner.py", "spec.json", "bundle.json", "README.txt", "MODEL_CARD.md",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,8 @@ def check_bundle(folder: Path, models: set[str]) -> None:
     runner = RUNNER
     assert (folder / "runner.py").read_bytes() == runner.read_bytes()
     assert "python3 runner.py spec.json --out results.json" in (folder / "README.txt").read_text()
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: student (synthetic classifier)") and "## Provenance" in card
 
 
 def test_bundle_folder(project: Path) -> None:
