@@ -26,10 +26,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True, help="A kdpipe config whose teacher.source is train.")
     parser.add_argument("--name", required=True, help="The shipped name (teacher.path: shipped:NAME).")
+    parser.add_argument(
+        "--key",
+        help="Ship this committed teacher cache entry of the config's cache (e.g. one trained by an earlier kdpipe "
+        "whose cache keys differ from this one's) instead of running the recipe.",
+    )
+    parser.add_argument("--commit", help="The kdpipe commit that trained it (default: this checkout's HEAD).")
     args = parser.parse_args()
 
     import torch
-    from safetensors.torch import save_file
 
     from kdpipe.cache import library_versions
     from kdpipe.config import load_config
@@ -37,6 +42,7 @@ def main() -> int:
     from kdpipe.ml.data import load_dataset, make_splits
     from kdpipe.ml.models import load_teacher
     from kdpipe.ml.training import accuracy, predict
+    from kdpipe.ml.weights import load_weights, save_weights
     from kdpipe.teachers import FOLDER, MANIFEST, SCHEMA
 
     cfg = load_config(args.config)
@@ -44,10 +50,17 @@ def main() -> int:
         sys.exit(f"{args.config}: teacher.source must be train to ship a teacher made by kdpipe")
     rel = Path(args.config).resolve().relative_to(ROOT).as_posix()
     command = f"kdpipe run -c {rel} --until teacher"
-    subprocess.run([sys.executable, "-m", "kdpipe.cli", "run", "-c", args.config, "--until", "teacher"], check=True)
-    report = json.loads((cfg.output_dir / "report.json").read_text())
-    key = report["stages"]["teacher"]["key"]
+    if args.key:
+        key = args.key
+    else:
+        run = [sys.executable, "-m", "kdpipe.cli", "run", "-c", args.config, "--until", "teacher"]
+        subprocess.run(run, check=True)
+        key = json.loads((cfg.output_dir / "report.json").read_text())["stages"]["teacher"]["key"]
     folder = cfg.cache_dir / "teacher" / key
+    if not (folder / "metrics.json").is_file():
+        sys.exit(f"no committed teacher entry {folder}")
+    head = ["git", "-C", str(ROOT), "rev-parse", "HEAD"]
+    commit = args.commit or subprocess.run(head, capture_output=True, text=True).stdout.strip()
     metrics = json.loads((folder / "metrics.json").read_text())
     model, spec = load_teacher(folder)
     data = load_dataset(cfg)
@@ -56,8 +69,8 @@ def main() -> int:
     test_top1 = accuracy(predict(model, data.test_x, data.mean, data.std, 512, torch.device("cpu")), data.test_y)
 
     target = FOLDER / f"{args.name}.safetensors"
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(target), metadata={"kdpipe_teacher": args.name, "arch": spec["arch"]})
+    state = load_weights(folder / spec.get("weights", "teacher.pt"), key="teacher", source=str(folder))
+    save_weights(state, target, metadata={"kdpipe_teacher": args.name, "arch": spec["arch"]})
     entries = json.loads(MANIFEST.read_text())["teachers"] if MANIFEST.is_file() else {}
     conf = cfg.config
     entries[args.name] = {
@@ -78,6 +91,7 @@ def main() -> int:
             "config": rel,
             "command": command,
             "cache_key": key,
+            "kdpipe_commit": commit,
             "train": conf.teacher.train.model_dump(mode="json"),
             "augment": conf.data.augment.model_dump(mode="json"),
         },

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdpipe.reporting import summary
+from kdpipe.reporting import quantization, summary
 from kdpipe.reporting.macs import format_macs
 from kdpipe.reporting.summary import pct
 
@@ -101,6 +101,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("speedup_p50"):
         sp = ", ".join(f"{v:.2f}× at batch {summary.batch_of(k)}" for k, v in report["speedup_p50"].items())
         lines.append(f"Student speed-up over the teacher (p50): {sp}.")
+    lines += quantization.render_markdown(report)
     parts = [
         f"{n} " + ("cached" if s["cached"] else f"ran {s['seconds']:.1f}s")
         for n, s in (report.get("stages") or {}).items()

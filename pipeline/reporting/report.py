@@ -1,4 +1,5 @@
-"""The run report: ``report.json`` is the machine contract (keys documented in the README); Markdown for people."""
+"""The run report: ``report.json`` is the machine contract (keys documented in the README); Markdown and the model
+card (``markdown.py``, ``model_card.py``) for people."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from typing import Any
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import UsageError
 from kdpipe.fileio import atomic_write_text
-from kdpipe.reporting import quantization
+from kdpipe.reporting.macs import add_macs
+from kdpipe.reporting.markdown import render_markdown
+from kdpipe.reporting.model_card import FILE as MODEL_CARD
+from kdpipe.reporting.model_card import render_model_card
 from kdpipe.version import __version__
+
+__all__ = ["build_report", "load_report", "publish", "render_markdown", "write_reports"]
 
 SCHEMA_VERSION = 1
 DELIVERABLES = {"distill": ("student.pt", "student.json"), "export": ("*.onnx", "*.ranges.json", "samples.npz")}
@@ -43,6 +49,10 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
     models = _trained_models(teacher, distill, validate, export)
     models.update(_variants(distill, export, exclude=set(models)))
     _attach_latency(models, bench)
+    if export and "export" in record["stages"]:
+        add_macs({"models": models}, cfg.cache_dir / "export" / record["stages"]["export"]["key"])
+    if "teacher" in models:
+        _shipped_teacher(cfg, models["teacher"])
     return {
         "schema_version": SCHEMA_VERSION,
         "kdpipe_version": __version__,
@@ -149,6 +159,25 @@ def _attach_latency(models: dict[str, dict[str, Any]], bench: dict[str, Any]) ->
             entry["slower_than_fp32_at"] = slower
 
 
+def _shipped_teacher(cfg: LoadedConfig, entry: dict[str, Any]) -> None:
+    """A teacher shipped with kdpipe carries its provenance into the report (and the model card)."""
+    import kdpipe.teachers as teachers
+
+    path = cfg.config.teacher.path
+    if not teachers.is_shipped(path):
+        return
+    e = teachers.entry(path)
+    recipe = e.get("recipe") or {}
+    entry["shipped"] = {
+        "name": path.removeprefix(teachers.PREFIX),
+        "sha256": e["sha256"],
+        "test_top1": e.get("test_top1"),
+        "command": recipe.get("command"),
+        "config": recipe.get("config"),
+        "cache_key": recipe.get("cache_key"),
+    }
+
+
 def _place(src: Path, dst: Path) -> None:
     dst.unlink(missing_ok=True)
     try:
@@ -170,9 +199,12 @@ def publish(cfg: LoadedConfig, report: dict[str, Any], record: dict[str, Any]) -
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> Path:
-    """report.json and report.md, each replaced atomically."""
+    """report.json, report.md and MODEL_CARD.md, each replaced atomically (re-written whenever the report changes)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
+    texts = {"report.json": json.dumps(report, indent=2), "report.md": render_markdown(report)}
+    if report.get("models"):
+        texts[MODEL_CARD] = render_model_card(report)
+    for name, text in texts.items():
         atomic_write_text(out / name, text)
     return out / "report.json"
 
@@ -213,73 +245,3 @@ def _shape_problem(report: dict[str, Any]) -> str | None:
     if not isinstance(report.get("gates", []), list) or not all(isinstance(g, dict) for g in report.get("gates", [])):
         return "`gates` is not a list of objects"
     return None
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """A compact summary fit for a pull-request comment."""
-    gates = report.get("gates") or []
-    failed = [g for g in gates if not g["passed"]]
-    verdict = (
-        "no gates configured" if not gates
-        else f"❌ {len(failed)} of {len(gates)} gates failed" if failed
-        else f"✅ all {len(gates)} gates passed"
-    )  # fmt: skip
-    lines = ["## kdpipe report", "", f"**{verdict}**", ""]
-    models = report.get("models", {})
-    batches = sorted({b for m in models.values() for b in m.get("latency", {})}, key=lambda b: int(b.split("_")[1]))
-    head = ["model", "arch", "params", "ONNX bytes", "test top-1", "top-5", "parity max abs Δ", "agreement"]
-    head += [f"p50 / p90 / p99 ms (b={b.split('_')[1]})" for b in batches]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in models.items():
-        acc, onnx = m.get("accuracy", {}), m.get("onnx", {})
-        parity = onnx.get("parity", {})
-        flag = " ⚠ slower than fp32" if m.get("slower_than_fp32") else ""
-        row = [
-            name + flag,
-            str(m.get("arch")),
-            f"{m.get('parameters', 0):,}",
-            f"{onnx['file_bytes']:,}" if onnx else "–",
-            _pct(acc.get("top1")),
-            _pct(acc.get("top5")),
-            f"{parity['max_abs_diff']:.1e}" if parity else "–",
-            f"{parity['top1_agreement']:.4f}" if parity else "–",
-        ]
-        for b in batches:
-            lat = m.get("latency", {}).get(b)
-            row.append(f"{lat['p50_ms']:.3f} / {lat['p90_ms']:.3f} / {lat['p99_ms']:.3f}" if lat else "–")
-        lines.append("| " + " | ".join(row) + " |")
-    deployment = report.get("deployment") or {}
-    if deployment.get("recommended"):
-        best = next(c for c in deployment["candidates"] if c["model"] == deployment["recommended"])
-        lines += ["", f"Recommended deployment: **{best['model']}** (p90 {best['p90_ms']:.3f} ms at "
-                      f"batch {best['batch'].split('_')[1]}; fastest model passing the student's gates)."]  # fmt: skip
-    elif deployment:
-        lines += ["", "No student variant passes the student's gates."]
-    student = models.get("student", {})
-    if "agreement_with_teacher" in student.get("accuracy", {}):
-        lines += [
-            "",
-            f"Student–teacher agreement on the test split: {_pct(student['accuracy']['agreement_with_teacher'])}.",
-        ]
-    if report.get("speedup_p50"):
-        sp = ", ".join(f"{v:.2f}× at batch {k.split('_')[1]}" for k, v in report["speedup_p50"].items())
-        lines.append(f"Student speed-up over the teacher (p50): {sp}.")
-    comparison = report.get("comparison") or []
-    if comparison:
-        lines += ["", "Distillation methods (same student, recipe and seed; epoch chosen on val, top-1 on test):", ""]
-        lines += ["| method | student test top-1 | Δ vs scratch | time |", "|---|---|---|---|"]
-        for row in comparison:
-            name = f"**{row['method']}** (deployed)" if row.get("deployed") else row["method"]
-            delta = row.get("delta_vs_scratch")
-            delta_text = "–" if delta is None else f"{100 * delta:+.2f} pp"
-            lines.append(f"| {name} | {_pct(row.get('test_top1'))} | {delta_text} | {row.get('seconds', 0):.1f} s |")
-    parts = [
-        f"{n} " + ("cached" if s["cached"] else f"ran {s['seconds']:.1f}s") for n, s in report.get("stages", {}).items()
-    ]
-    lines += quantization.render_markdown(report)
-    lines += ["", "Stages: " + ", ".join(parts) + "."]
-    return "\n".join(lines) + "\n"

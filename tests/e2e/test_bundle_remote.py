@@ -26,7 +26,8 @@ from kdpipe.edge import RUNNER
 SSHD = Path("/usr/sbin/sshd")
 BENCH = {"batch_sizes": [1, 2], "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "max_seconds": 2.0, "rounds": 2}
 BUNDLE_FILES = {
-    "student.onnx", "teacher.onnx", "samples.npz", "runner.py", "spec.json", "bundle.json", "README.txt", "MODEL_CARD.md",
+    "student.onnx", "teacher.onnx", "samples.npz", "runner.py", "spec.json", "bundle.json", "README.txt",
+    "MODEL_CARD.md",
 }  # fmt: skip
 
 

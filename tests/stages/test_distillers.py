@@ -184,7 +184,7 @@ def test_compare_trains_every_method_alike_and_reports_the_table(write_config):
     assert by["simkd"]["parameters"] == student["parameters"] and by["kd"]["parameters"] == PLAIN
     assert all(r["seconds"] > 0 and r["images_per_second"] > 0 for r in rows)
     md = render_markdown(report)
-    assert "| method | student test top-1 | Δ vs scratch | time |" in md
+    assert "| method | student test top-1 | Δ vs scratch | val top-1 (selection) | time |" in md
     assert "| scratch | " in md and "+0.00 pp" in md and "| **simkd** (deployed) |" in md
     page = render_html(report)
     assert 'alt="Distillation methods"' in page
