@@ -49,13 +49,15 @@ def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, 
     """Load the config; ``writes`` names the folder settings the command writes to (``cache_dir``,
     ``output_dir``): one that is a file or not writable is bad input, said before anything runs."""
     from kdpipe.config import load_config
-    from kdpipe.diskspace import check_writable_dir
+    from kdpipe.diskspace import check_folder_layout, check_writable_dir
     from kdpipe.ml.teacher_build import with_teacher_data_defaults
 
     cfg = with_teacher_data_defaults(load_config(config_path, overrides))  # a loaded timm teacher's input size
     _LOADED.update(cache_dir=cfg.cache_dir, output_dir=cfg.output_dir)
     for key in writes:
         check_writable_dir(getattr(cfg, key), key, cfg.source)
+    if "output_dir" in writes:
+        check_folder_layout(cfg.cache_dir, cfg.output_dir, cfg.path.parent if cfg.path else None, cfg.source)
     return cfg
 
 

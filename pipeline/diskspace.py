@@ -94,6 +94,20 @@ def check_writable_dir(path: Path, key: str, source: str | None) -> None:
         raise ConfigError(key, f"{what} is not writable", source)
 
 
+def check_folder_layout(cache_dir: Path, output_dir: Path, config_dir: Path | None, source: str | None) -> None:
+    """``output_dir`` is kdpipe's to replace (``kdpipe clean`` removes it): it must not be, or hold, the cache or
+    the config's own folder, and the cache must not be inside it."""
+    out, cache = Path(output_dir).resolve(), Path(cache_dir).resolve()
+    if config_dir is not None:
+        here = Path(config_dir).resolve()
+        if out == here or out in here.parents:
+            raise ConfigError(
+                "output_dir", f"{out} holds the config's own folder ({here}); `kdpipe clean` would remove it", source
+            )
+    if out == cache or out in cache.parents or cache in out.parents:
+        raise ConfigError("output_dir", f"{out} overlaps cache_dir {cache}; give them separate folders", source)
+
+
 def reserve(path: Path) -> None:
     """Allocate every block of an already sized (sparse) file, so that writing it through a memory map
     cannot fault later: a full disk fails here, with a message, instead of killing the process."""

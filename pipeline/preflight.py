@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdpipe.config import GateConfig, LoadedConfig
-from kdpipe.diskspace import check_writable_dir, ensure_space
+from kdpipe.diskspace import check_folder_layout, check_writable_dir, ensure_space
 from kdpipe.errors import ConfigError, UsageError
 
 #: what each deployment variant needs beyond onnxruntime's core (a trimmed onnxruntime wheel may lack it)
@@ -64,12 +64,13 @@ def preflight(
     stale: Iterable[str],
     gates: Iterable[GateConfig] = (),
     complete: bool = True,
-    baseline: bool = False,
+    baseline: dict[str, Any] | bool = False,
 ) -> None:
     """Raise the first problem the stages in ``stale`` (or the gates, when the run is ``complete``) would meet."""
     stale = set(stale)
     for key in ("cache_dir", "output_dir"):
         check_writable_dir(getattr(cfg, key), key, cfg.source)
+    check_folder_layout(cfg.cache_dir, cfg.output_dir, cfg.path.parent if cfg.path else None, cfg.source)
     if complete:
         check_gates(cfg, [*cfg.config.gates, *gates], baseline)
     if "benchmark" in stale:
@@ -118,9 +119,10 @@ def run_models(cfg: LoadedConfig) -> dict[str, dict[str, Any]]:
     return models
 
 
-def check_gates(cfg: LoadedConfig, gates: list[GateConfig], baseline: bool = False) -> None:
+def check_gates(cfg: LoadedConfig, gates: list[GateConfig], baseline: dict[str, Any] | bool = False) -> None:
     """Each gate must name a model the run will have, a figure that will be measured for it, and a batch size
-    and thread count the benchmark will measure."""
+    and thread count the benchmark will measure. With a baseline report, ``baseline.models`` must be in both,
+    and the baseline must have the measurement rounds the latency comparison resamples."""
     from kdpipe.reporting.gates import gate_name
 
     conf = cfg.config
@@ -135,6 +137,27 @@ def check_gates(cfg: LoadedConfig, gates: list[GateConfig], baseline: bool = Fal
             raise ConfigError(
                 "baseline.models", f"the run will have no model '{unknown[0]}'; models: {', '.join(models)}", cfg.source
             )
+    if isinstance(baseline, dict):
+        problem = _baseline_problem(baseline, conf.baseline, conf.benchmark.batch_sizes)
+        if problem:
+            raise UsageError(f"--baseline: {problem}")
+
+
+def _baseline_problem(report: dict[str, Any], conf: Any, batch_sizes: list[int]) -> str | None:
+    """What the baseline comparison would fail on after the run, read from the baseline report now."""
+    for name in conf.models:
+        old = report.get("models", {}).get(name)
+        if old is None:
+            return f"the baseline report has no model '{name}' (baseline.models); it has {', '.join(report['models'])}"
+        if conf.max_top1_drop is not None and not isinstance((old.get("accuracy") or {}).get("top1"), int | float):
+            return f"the baseline's '{name}' has no test top-1 (was its run complete?)"
+        if conf.max_latency_regression_pct is None:
+            continue
+        for batch in batch_sizes:
+            cell = (old.get("latency") or {}).get(f"batch_{batch}")
+            if isinstance(cell, dict) and not cell.get("round_p50_ms"):
+                return f"the baseline's '{name}' batch_{batch} has no measurement rounds (re-run its benchmark)"
+    return None
 
 
 def _gate_problem(

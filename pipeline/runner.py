@@ -173,7 +173,7 @@ def run_pipeline(
                 steps = steps[: ORDER.index(until) + 1]
             stale = [s.stage for s in steps if s.stage in force or not s.cached]
             gate_list = [parse_gate(g) for g in gates]
-            preflight(cfg, stale, gate_list, complete=stopped_after is None, baseline=old_report is not None)
+            preflight(cfg, stale, gate_list, complete=stopped_after is None, baseline=old_report or False)
             execute(cfg, steps, force, progress, echo, announce=role == "leader")
             record = record_run(cfg, steps, started)
         return conclude(cfg, record, stopped_after, gates, old_report, echo)  # still holding the lock

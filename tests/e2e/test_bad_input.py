@@ -173,3 +173,20 @@ def test_corrupt_png_in_an_image_folder(project, capsys, damage, in_memory):
     code, err = run_cli(capsys, "run", "--until", "teacher")
     assert_one_line_exit_2(code, err, str(bad))
     assert not [p for p in (project / ".kdpipe").glob("*/*") if not p.name.startswith(".")]  # no entry committed
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("output_dir=.", "holds the config's own folder"),
+        ("output_dir=..", "holds the config's own folder"),
+        ("output_dir=.kdpipe", "overlaps cache_dir"),
+        ("output_dir=.kdpipe/out", "overlaps cache_dir"),
+        ("cache_dir=kdpipe-out/cache", "overlaps cache_dir"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "clean"])
+def test_output_dir_that_clean_would_wipe_with_the_project(project, capsys, override, expected, command):
+    code, err = run_cli(capsys, command, "--set", override)
+    assert_one_line_exit_2(code, err, "output_dir", expected)
+    assert (project / "pipeline.yaml").is_file()

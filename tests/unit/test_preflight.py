@@ -121,3 +121,20 @@ def test_checks_leave_the_random_state_alone(tmp_path):
 def test_folders_that_cannot_be_written(tmp_path):
     (tmp_path / "f").write_text("x")
     assert "output_dir: " in problem(tmp_path, {"output_dir": "f"}, stale=set())
+
+
+@pytest.mark.parametrize(
+    ("baseline", "expected"),
+    [
+        ({"teacher": {}}, "the baseline report has no model 'student'"),
+        ({"student": {"accuracy": {}}}, "the baseline's 'student' has no test top-1"),
+        ({"student": {"accuracy": {"top1": 0.9}, "latency": {"batch_1": {"p50_ms": 1.0}}}}, "no measurement rounds"),
+    ],
+)
+def test_a_baseline_report_that_cannot_be_compared(tmp_path, baseline, expected):
+    from kdpipe.errors import UsageError
+
+    with pytest.raises(UsageError, match=expected):
+        pf.preflight(cfg_of(tmp_path), ALL, baseline={"schema_version": 1, "models": baseline})
+    good = {"student": {"accuracy": {"top1": 0.9}, "latency": {"batch_1": {"round_p50_ms": [1.0, 1.1]}}}}
+    pf.preflight(cfg_of(tmp_path), ALL, baseline={"schema_version": 1, "models": good})
