@@ -45,14 +45,21 @@ class Projector(nn.Sequential):
     ``kernel`` is the middle convolution's size: 1 where the aligned maps are 1×1 (a token teacher's
     pre-logits, or maps pooled to one pixel), since a 3×3 kernel there would only ever use its centre tap;
     the projector is then a three-layer MLP on the pooled features.
+
+    ``final_relu``: SimKD's last ReLU fits a teacher whose features end in a ReLU (never negative). Where they
+    can be negative (a ViT's LayerNorm'd pre-logits, ConvNeXt's residual output, hard-swish) it would keep the
+    projection from ever matching them, so it is left out there (see :func:`teacher_nonnegative`).
     """
 
-    def __init__(self, s_channels: int, t_channels: int, factor: int = 2, kernel: int = 3) -> None:
+    def __init__(
+        self, s_channels: int, t_channels: int, factor: int = 2, kernel: int = 3, final_relu: bool = True
+    ) -> None:
         hidden = max(1, t_channels // factor)
+        last = conv_bn_relu(hidden, t_channels, 1)
         super().__init__(
             *conv_bn_relu(s_channels, hidden, 1),
             *conv_bn_relu(hidden, hidden, kernel),
-            *conv_bn_relu(hidden, t_channels, 1),
+            *(last if final_relu else last[:-1]),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -98,6 +105,20 @@ def projector_parameters(s_channels: int, t_channels: int, factor: int, kernel: 
     return s_channels * h + h * h * kernel * kernel + h * t_channels + 2 * (h + h + t_channels)
 
 
+def teacher_nonnegative(body: nn.Module, input_shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether the teacher body's features are never negative (it ends in a ReLU): checked on a seeded random
+    batch, which any other last layer (LayerNorm, a residual sum, hard-swish, SiLU) turns negative somewhere."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *input_shape, generator=generator)
+    was = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            return bool((body(x) >= 0).all())
+    finally:
+        body.train(was)
+
+
 def projector_kernel(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> int:
     """3 (SimKD's 3×3 middle convolution), or 1 where the aligned maps are 1×1 pixel."""
     return 1 if tuple(common_size(s_shape[1:], t_shape[1:])) == (1, 1) else 3  # type: ignore[arg-type]
@@ -123,7 +144,10 @@ class SimKD(Distiller):
             **spec_shapes(s.feature_shape, t.feature_shape),
         }
         spec["projector_kernel"] = projector_kernel(s.feature_shape, t.feature_shape)
-        projector = Projector(s.feature_shape[0], t.feature_shape[0], conf.factor, spec["projector_kernel"])
+        spec["projector_final_relu"] = teacher_nonnegative(t.body, data.input_shape)
+        projector = Projector(
+            s.feature_shape[0], t.feature_shape[0], conf.factor, spec["projector_kernel"], spec["projector_final_relu"]
+        )
         model = SimKDStudent(s.body, projector, frozen_copy(t.head), spec["student_pool_to"])
         return Built(model=model, trainable=model, spec=spec)
 
@@ -148,8 +172,9 @@ class SimKD(Distiller):
             feature_node(spec, "teacher"),
             what="teacher.arch",
         )
-        kernel = spec.get("projector_kernel", 3)  # students saved before token teachers: always 3×3
-        projector = Projector(s.feature_shape[0], t.feature_shape[0], spec["factor"], kernel)
+        kernel = spec.get("projector_kernel", 3)  # students saved before token teachers: always 3×3, final ReLU
+        relu = spec.get("projector_final_relu", True)
+        projector = Projector(s.feature_shape[0], t.feature_shape[0], spec["factor"], kernel, relu)
         return SimKDStudent(s.body, projector, t.head, spec["student_pool_to"])
 
     def parameter_breakdown(self, built: Built) -> dict[str, int]:

@@ -84,3 +84,22 @@ class Contract(nn.Module):
 def test_a_contract_that_does_not_rejoin_is_refused():
     with pytest.raises(UsageError, match=r"forward_head\(forward_features\(x\)\) is not forward\(x\)"):
         split_model(Contract(), torch.zeros(2, 1, 8, 8), what="teacher.arch")
+
+
+@pytest.mark.parametrize(("teacher", "relu"), [("tiny_cnn_wide", True), ("timm:test_vit", False)])
+def test_simkd_projector_ends_in_relu_only_for_a_teacher_whose_features_do(teacher, relu):
+    from kdpipe.config import DistillConfig
+    from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
+
+    info = DataInfo(4, (1, 32, 32), ["a", "b", "c", "d"])
+    kwargs = {"patch_size": 8} if "vit" in teacher else {}
+    t = split_model(info.create(teacher, kwargs), info.example())
+    simkd = DISTILLERS.get("simkd")
+    built = simkd().build(TeacherParts(teacher, t, kwargs), "timm:test_byobnet", info, DistillConfig())
+    assert built.spec["projector_final_relu"] is relu
+    assert isinstance(built.model.projector[-1], nn.ReLU) is relu
+    assert built.spec["projector_kernel"] == 1  # test_byobnet's map is 1×1 at 32 px: maps are aligned at 1×1
+    rebuilt = simkd.rebuild(built.spec)
+    rebuilt.load_state_dict(built.model.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(rebuilt.eval()(x), built.model.eval()(x))
