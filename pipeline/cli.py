@@ -222,11 +222,13 @@ def clean(config_path: str, overrides: tuple[str, ...], keep_last: bool, no_wait
 
 @cli.command()
 def models() -> None:
-    """List the model zoo's architectures (any torchvision classifier works too, as torchvision:NAME)."""
+    """List the model zoo's architectures (torchvision:NAME, timm:NAME and python:FILE.py:FUNC work too)."""
     from kdpipe.ml.zoo import model_names
 
     click.echo("\n".join(model_names()))
     click.echo("torchvision:<name>  (any torchvision classification model)")
+    click.echo("timm:<name>  (any timm.list_models() name, built offline; weights from teacher.path)")
+    click.echo("python:<file.py or package.module>:<function>  (your own code, run as is; returns an nn.Module)")
 
 
 @cli.command()

@@ -258,3 +258,9 @@ def test_preflight_builds_own_models_where_the_stages_will(tmp_path, monkeypatch
         pf.preflight(cfg({"teacher": {"source": "python", "entrypoint": "models.py:nope"}}), every)
     with pytest.raises(ConfigError, match=r"^distill.student: unknown timm model 'resnet10'"):
         pf.preflight(cfg({"distill": {"student": "timm:resnet10"}}), every)
+
+
+def test_kdpipe_models_names_the_adapters(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "timm:<name>" in out and "python:<file.py or package.module>:<function>" in out and "resnet8" in out
