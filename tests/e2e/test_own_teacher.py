@@ -264,3 +264,29 @@ def test_kdpipe_models_names_the_adapters(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "timm:<name>" in out and "python:<file.py or package.module>:<function>" in out and "resnet8" in out
+
+
+def test_editing_the_users_code_changes_the_cache_keys(tmp_path):
+    import os
+
+    from kdpipe.config import load_config
+    from kdpipe.runner import plan
+
+    (tmp_path / "models.py").write_text(MODELS_PY)
+    (tmp_path / "students.py").write_text(MODELS_PY)
+    extra = {"teacher": TEACHERS["user_code"][0], "distill": {"student": "python:students.py:build_teacher"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(deep_merge(BASE, extra)))
+
+    def keys():
+        return {s.stage: s.key for s in plan(load_config(tmp_path / "p.yaml"))}
+
+    def edit(name):
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "\n# edited\n")
+        os.utime(tmp_path / name, ns=(1, 1))  # a new mtime even on a coarse clock
+
+    first = keys()
+    edit("students.py")
+    second = keys()
+    assert second["teacher"] == first["teacher"] and second["distill"] != first["distill"]
+    edit("models.py")
+    assert keys()["teacher"] != second["teacher"]
