@@ -56,7 +56,7 @@ class TeacherStage(Stage):
 
         from kdpipe.ml.models import TEACHER_SPEC, TEACHER_WEIGHTS, check_classes, count_parameters
         from kdpipe.ml.preprocessing import with_adapter
-        from kdpipe.ml.teacher_build import preprocessing_spec
+        from kdpipe.ml.teacher_build import preprocessing_spec, trained_normalization
         from kdpipe.ml.training import accuracy, predict
         from kdpipe.ml.weights import save_weights
 
@@ -79,8 +79,9 @@ class TeacherStage(Stage):
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
             key = "teacher.entrypoint" if conf.source == "python" else "teacher.arch"
             check_classes(model, data, key, ctx.cfg.source)
-            save_weights(model.cpu(), ctx.out_dir / TEACHER_WEIGHTS)
             spec.update(preprocessing_spec(ctx.cfg, model, built.loaded, list(data.mean), list(data.std)))
+            meta = trained_normalization(spec, list(data.mean), list(data.std))  # reloads with the right inputs
+            save_weights(model.cpu(), ctx.out_dir / TEACHER_WEIGHTS, metadata=meta)
             expected = spec.get("expected_input_size")
             if expected and list(expected) != list(data.input_shape[1:]):
                 ctx.log(

@@ -8,12 +8,14 @@ data-normalised input into teacher-normalised input. Only the teacher sees it: a
 teacher's head, which reads features, not pixels.
 
 Where the teacher's normalisation comes from, first match wins: ``teacher.preprocessing`` (inline mean/std,
-or a JSON/YAML sidecar file, e.g. the ``config.json`` timm saves beside weights); timm's pretrained config
-of the architecture (only for weights loaded from a file: a teacher trained here learnt the data's own).
+or a JSON/YAML sidecar file, e.g. the ``config.json`` timm saves beside weights); for weights loaded from a
+file, the normalisation kdpipe recorded in a safetensors file it wrote, else timm's pretrained config of the
+architecture (a teacher trained here learnt the data's own).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,7 +103,13 @@ def model_normalization(model: nn.Module) -> tuple[list[float], list[float]] | N
 
 
 def teacher_normalization(
-    conf: Any, model: nn.Module, loaded: bool, channels: int, resolve: Any, source: str | None
+    conf: Any,
+    model: nn.Module,
+    loaded: bool,
+    channels: int,
+    resolve: Any,
+    source: str | None,
+    weights_meta: Mapping[str, str] | None = None,
 ) -> tuple[list[float], list[float], str] | None:
     """The normalisation a teacher's weights expect, and where it was found; None: the data's own.
 
@@ -111,6 +119,8 @@ def teacher_normalization(
         loaded: whether its weights came from a file (a teacher trained here uses the data's normalisation).
         channels: the data's image channels.
         resolve: the config's path resolver (a sidecar is relative to the config).
+        weights_meta: the loaded safetensors file's metadata; kdpipe writes the normalisation its teachers
+            were trained with there (``kdpipe_mean`` / ``kdpipe_std``), so its own teachers reload correctly.
     """
     pre = conf.preprocessing
     if isinstance(pre, str):
@@ -118,6 +128,9 @@ def teacher_normalization(
         origin = f"sidecar {Path(pre).name}"
     elif pre is not None:
         mean, std, origin = list(pre.mean), list(pre.std), "teacher.preprocessing"
+    elif loaded and weights_meta and "kdpipe_mean" in weights_meta and "kdpipe_std" in weights_meta:
+        mean, std = json.loads(weights_meta["kdpipe_mean"]), json.loads(weights_meta["kdpipe_std"])
+        origin = "the weights file's metadata"
     elif loaded and (found := model_normalization(model)) is not None:
         (mean, std), origin = found, "timm pretrained_cfg"
     else:

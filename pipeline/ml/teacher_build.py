@@ -7,6 +7,7 @@ build: the fingerprints (:func:`teacher_code`, :func:`weights_path`) serve ``kdp
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,11 +93,25 @@ def preprocessing_spec(
     cfg_model = getattr(model, "pretrained_cfg", None)
     if loaded and isinstance(cfg_model, dict) and cfg_model.get("input_size"):
         out["expected_input_size"] = list(cfg_model["input_size"])[-2:]
-    found = teacher_normalization(cfg.config.teacher, model, loaded, len(data_mean), cfg.resolve, cfg.source)
+    meta = None
+    path = weights_path(cfg) if loaded else None
+    if path is not None:
+        from kdpipe.ml.weights import is_safetensors, read_metadata
+
+        meta = read_metadata(path) if is_safetensors(path) else None
+    found = teacher_normalization(cfg.config.teacher, model, loaded, len(data_mean), cfg.resolve, cfg.source, meta)
     if found is not None:
         mean, std, origin = found
         out.update(input_adapter=adapter_spec(data_mean, data_std, mean, std), preprocessing_source=origin)
     return out
+
+
+def trained_normalization(spec: dict[str, Any], data_mean: list[float], data_std: list[float]) -> dict[str, str]:
+    """safetensors metadata recording the normalisation the teacher's weights expect (what
+    :func:`~kdpipe.ml.preprocessing.teacher_normalization` reads back when the file is loaded again)."""
+    adapter = spec.get("input_adapter")
+    mean, std = (adapter["mean"], adapter["std"]) if adapter else (data_mean, data_std)
+    return {"kdpipe_mean": json.dumps(list(mean)), "kdpipe_std": json.dumps(list(std)), "arch": str(spec["arch"])}
 
 
 def check_model_ref(name: str, base: Path) -> bool:

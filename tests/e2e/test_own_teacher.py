@@ -290,3 +290,19 @@ def test_editing_the_users_code_changes_the_cache_keys(tmp_path):
     assert second["teacher"] == first["teacher"] and second["distill"] != first["distill"]
     edit("models.py")
     assert keys()["teacher"] != second["teacher"]
+
+
+def test_a_teacher_kdpipe_trained_reloads_with_the_normalisation_it_learnt(project):
+    import shutil
+
+    trained = run(project, "convnext-trained", {"teacher": TEACHERS["convnext"][0]}, until="teacher")
+    entry = project / ".kdpipe" / "teacher" / trained["stages"]["teacher"]["key"]
+    shutil.copyfile(entry / "teacher.safetensors", project / "convnext.safetensors")
+    section = {"source": "checkpoint", "arch": "timm:test_convnext", "path": "convnext.safetensors"}
+    loaded = run(project, "convnext-loaded", {"teacher": section}, until="teacher")
+    spec = json.loads(
+        (project / ".kdpipe" / "teacher" / loaded["stages"]["teacher"]["key"] / "teacher.json").read_text()
+    )
+    # not timm's ImageNet statistics: the data's, recorded in the file when kdpipe trained it
+    assert spec["preprocessing_source"] == "the weights file's metadata" and spec["input_adapter"] is None
+    assert loaded["models"]["teacher"]["val_top1"] == trained["models"]["teacher"]["val_top1"]
