@@ -56,7 +56,10 @@ def data_shape(cfg: LoadedConfig) -> Shape | None:
     if data.dataset in KNOWN_SHAPES:
         c, h, w, k, n = KNOWN_SHAPES[data.dataset]
         return Shape(c, h, w, k, n)
-    return None
+    from kdpipe.ml.imagedata import image_shape  # image datasets: the file list and the first image's header
+
+    found = image_shape(cfg)
+    return Shape(*found) if found else None
 
 
 def preflight(

@@ -63,6 +63,17 @@ def will_stream(cfg: LoadedConfig) -> bool:
     return not choose_in_memory(cfg, images, _first_geometry(cfg, train.path(0)).shape)
 
 
+def image_shape(cfg: LoadedConfig) -> tuple[int, int, int, int, int] | None:
+    """(channels, height, width, classes, training images) of an image dataset from its file list and first
+    image's header, without decoding pixels; None for WebDataset shards (listing them reads every shard)."""
+    if cfg.config.data.dataset not in FILE_DATASETS or cfg.config.data.dataset == "webdataset":
+        return None
+    found = sources.listing(cfg)
+    train = found.splits["train"]
+    c, h, w = _first_geometry(cfg, train.path(0)).shape
+    return c, h, w, len(found.classes), len(train) + len(found.splits.get("val", ()))
+
+
 def _first_geometry(cfg: LoadedConfig, first: Any) -> Any:
     """The geometry the first training image implies; an unreadable one is one line naming it."""
     try:

@@ -78,3 +78,12 @@ def test_in_memory_auto_holds_what_fits_the_budget():
     assert not choose_in_memory(config({"dataset": "imagefolder", "root": "x", "recipe": "imagenet"}), 10, (3, 8, 8))
     forced = config({"dataset": "imagefolder", "root": "x", "in_memory": True, "memory_budget_mb": 1})
     assert choose_in_memory(forced, 5000, (3, 224, 224))
+
+
+def test_preflight_knows_an_image_folders_shape_without_decoding_it(tmp_path):
+    from kdpipe.preflight import data_shape
+
+    root = make_imagefolder(tmp_path / "p", train=4, test=1, size=8)
+    s = data_shape(config({"dataset": "imagefolder", "root": str(root), "channels": 1}))
+    assert (s.channels, s.height, s.width, s.classes, s.train_images) == (1, 8, 8, 3, 12)
+    assert data_shape(config({"dataset": "imagefolder", "root": str(root), "image_size": 5})).height == 5
