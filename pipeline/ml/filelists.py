@@ -166,12 +166,9 @@ def filelist(cfg: LoadedConfig) -> Listing:
 
 def expand_shards(cfg: LoadedConfig, pattern: str) -> list[Path]:
     """Brace-expanded shard paths (``train-{000..099}.tar``), resolved against the config's folder."""
-    from braceexpand import braceexpand
+    from webdataset.shardlists import expand_urls  # braces and `::`-joined lists, as webdataset reads them
 
-    out = []
-    for part in pattern.split("::"):
-        out += [cfg.resolve(p) for p in braceexpand(part)]
-    return out
+    return [cfg.resolve(p) for p in expand_urls(pattern)]
 
 
 def check_shard(path: Path) -> None:
