@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, UsageError
 from kdpipe.stages import ORDER  # light: stage declarations import no torch
 from kdpipe.version import __version__
 
@@ -126,6 +126,22 @@ def status(config_path: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{step.stage:<10} {state} {step.key[:12]}" + ("" if step.cached else f"  ({step.reason})"))
 
 
+def _render(fmt: str, data: dict) -> str:
+    from kdpipe.reporting.report import render_markdown
+
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "md":
+        return render_markdown(data)
+    if fmt == "junit":
+        from kdpipe.reporting.junit import render_junit
+
+        return render_junit(data)
+    from kdpipe.reporting.html import render_html
+
+    return render_html(data)
+
+
 @cli.command()
 @config_option
 @click.option("--format", "fmt", type=click.Choice(["json", "md", "junit", "html"]), default="md", show_default=True)
@@ -133,22 +149,15 @@ def status(config_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Render this report.json.")
 def report(config_path: str, fmt: str, output: str | None, report_path: str | None) -> None:
     """Render the last run's report (json, md, junit or a self-contained html file)."""
-    from kdpipe.reporting.report import load_report, render_markdown
+    from kdpipe.reporting.report import load_report
 
     cfg = _load(config_path)
     data = load_report(cfg, report_path)
-    if fmt == "json":
-        text = json.dumps(data, indent=2) + "\n"
-    elif fmt == "md":
-        text = render_markdown(data)
-    elif fmt == "junit":
-        from kdpipe.reporting.junit import render_junit
-
-        text = render_junit(data)
-    else:
-        from kdpipe.reporting.html import render_html
-
-        text = render_html(data)
+    try:
+        text = _render(fmt, data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a report edited or cut short
+        where = report_path or cfg.output_dir / "report.json"
+        raise UsageError(f"{where}: not a complete kdpipe report ({type(exc).__name__}: {exc})") from None
     if output:
         from kdpipe.fileio import atomic_write_text
 

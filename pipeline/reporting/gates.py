@@ -77,7 +77,7 @@ def measure(report: dict[str, Any], g: GateConfig) -> float:
         if g.metric == "speedup_p50":
             return _cell(report, "teacher", g)["p50_ms"] / _cell(report, g.model, g)["p50_ms"]
         return float(_cell(report, g.model, g)[g.metric])
-    except (KeyError, TypeError, ZeroDivisionError, StopIteration):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, StopIteration):  # an edited or partial report
         raise UsageError(
             f"gate '{gate_name(g)}': the report has no such figure (was the stage that measures it run"
             f"{', with this batch size' if g.batch_size else ''}{' and thread count' if g.threads else ''}?)"
@@ -154,7 +154,18 @@ def bootstrap_ratio(
 
 
 def compare_baseline(report: dict[str, Any], baseline: dict[str, Any], conf: BaselineConfig) -> list[dict[str, Any]]:
-    """Accuracy drop and latency regression of each model against the baseline report."""
+    """Accuracy drop and latency regression of each model against the baseline report; a figure that is missing
+    or not a number in either report is bad input."""
+    try:
+        return _compare_baseline(report, baseline, conf)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError) as exc:
+        raise UsageError(
+            f"baseline gate: a figure is missing or not a number in the baseline or this report ({type(exc).__name__}:"
+            f" {exc})"
+        ) from None
+
+
+def _compare_baseline(report: dict[str, Any], baseline: dict[str, Any], conf: BaselineConfig) -> list[dict[str, Any]]:
     out = []
     for name in conf.models:
         cur, old = report.get("models", {}).get(name), baseline.get("models", {}).get(name)
@@ -266,7 +277,12 @@ def recommend(report: dict[str, Any], gates: list[GateConfig]) -> dict[str, Any]
                 continue
             if not verdict["passed"]:
                 failed.append(verdict["name"])
-        latency = models[name].get("latency", {})
+        # an edited or partial report may lack figures: such a model is simply not measured
+        latency = {
+            b: c["p90_ms"]
+            for b, c in (models[name].get("latency") or {}).items()
+            if re.fullmatch(r"batch_\d+", b) and isinstance(c, dict) and isinstance(c.get("p90_ms"), int | float)
+        }
         batch = min(latency, key=lambda b: int(b.split("_")[1])) if latency else None
         rows.append(
             {
@@ -275,7 +291,7 @@ def recommend(report: dict[str, Any], gates: list[GateConfig]) -> dict[str, Any]
                 "failed": failed,
                 "not_applicable": skipped,
                 "batch": batch,
-                "p90_ms": latency[batch]["p90_ms"] if batch else None,
+                "p90_ms": latency[batch] if batch else None,
             }
         )
     passing = [r for r in rows if r["passed"] and r["p90_ms"] is not None]

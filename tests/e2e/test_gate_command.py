@@ -131,3 +131,37 @@ def test_output_paths_that_cannot_be_written(project, capsys, args):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("kdpipe: error: "), err
     assert "afile" in err or "kdpipe-out" in err
+
+
+def _edited(change) -> str:
+    data = report()
+    change(data["models"]["student"])
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["gate", "--report", "edited.json", "--gate", "student.top1 >= 0.5"],
+        ["gate", "--baseline", "edited.json"],
+        ["report", "--format", "md", "--report", "edited.json"],
+        ["report", "--format", "junit", "--report", "edited.json"],
+        ["report", "--format", "html", "--report", "edited.json"],
+    ],
+)
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["accuracy"].update(top1="0.9"),
+        lambda m: m["accuracy"].update(top1=None),
+        lambda m: m.pop("accuracy"),
+        lambda m: m.update(latency={"batch_1": {"p50_ms": "fast"}}),
+    ],
+)
+def test_edited_reports_are_one_line(project, capsys, args, change):
+    (project / "edited.json").write_text(_edited(change))
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code in (0, 2), err  # what a renderer can show without the figure is fine; a crash is not
+    if code == 2:
+        assert len(err.splitlines()) == 1 and err.startswith("kdpipe: error: "), err
