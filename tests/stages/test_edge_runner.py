@@ -88,7 +88,7 @@ def run_runner(*args: str | Path, python: str = sys.executable, timeout: float =
 def check_document(doc: dict) -> None:
     """Shape and sanity of a full run on the FAST grid with the samples check."""
     assert doc["schema"] == "kdpipe.bench/1"
-    assert set(doc["host"]) == {"hostname", "platform", "machine", "python", "onnxruntime", "numpy", "cpu_count"}
+    assert set(doc["host"]) == {"hostname", "platform", "machine", "python", "onnxruntime", "numpy", "cpu_count", "cpu"}
     assert "CPUExecutionProvider" in doc["providers_available"]
     assert doc["settings"] == {
         "warmup": 1,
