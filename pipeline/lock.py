@@ -27,6 +27,22 @@ from types import TracebackType
 from kdpipe.errors import UsageError
 
 LOCK = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _forget_in_child() -> None:
+    """A forked child (data-parallel workers, DataLoader workers) must not keep the cache locked: a flock lives
+    as long as any descriptor of it, so a worker outliving a killed run would lock every later run out. Closing
+    the child's copies (never unlocking: that would release the parent's lock) leaves the parent the only holder."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class CacheBusy(UsageError):
@@ -89,12 +105,14 @@ class CacheLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(fd)
         try:
             os.ftruncate(fd, 0)
         except OSError:

@@ -140,3 +140,33 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path):
     with CacheLock(tmp_path, wait=False) as lock:
         assert lock.holder()["pid"] == os.getpid()
     assert CacheLock(tmp_path).holder() is None  # released: nothing claims it
+
+
+FORKS = textwrap.dedent(
+    """
+    import os, sys, time
+    from kdpipe.lock import CacheLock
+    lock = CacheLock(sys.argv[1]).acquire()
+    child = os.fork()
+    if child == 0:  # a worker forked while the lock is held
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_forked_worker_does_not_keep_a_killed_runs_lock(tmp_path):
+    """kill -9 of a run whose forked workers live on: the workers hold no lock, the next run gets it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKS, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=clean_env()
+    )
+    worker = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    try:
+        with CacheLock(tmp_path, wait=False) as lock:
+            assert lock.holder()["pid"] == os.getpid()
+    finally:
+        os.kill(worker, 9)
