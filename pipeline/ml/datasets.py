@@ -144,13 +144,13 @@ class ShardImages(torch.utils.data.IterableDataset):
         urls = self._urls()
         if not urls:
             return
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.reraise_exception))
         epoch_seed = self.seed * 100_003 + self.epoch
-        stream: Any = iter(pipeline)
-        if self.shuffle:
+        stages: list[Any] = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.reraise_exception)]
+        if self.shuffle:  # a seeded sample buffer per epoch, rank and worker
             info = torch.utils.data.get_worker_info()
             rng = random.Random(epoch_seed * 1009 + self.rank * 97 + (info.id if info else 0))
-            stream = wds.filters._shuffle(stream, bufsize=1000, initial=100, rng=rng)
+            stages.append(wds.shuffle(1000, initial=100, rng=rng))
+        stream: Any = iter(wds.DataPipeline(*stages))
         for sample in stream:
             key = sample["__key__"]
             if self.keep is not None:
