@@ -56,3 +56,12 @@ def test_quantised_variants_end_to_end(quant_run: Path, monkeypatch, capsys) -> 
     assert "Int8 sensitivity of student-int8_fallback" in md and "QAD fine-tuned 1 epoch" in md
     assert main(["report", "--format", "html", "-o", str(quant_run / "r.html")]) == 0
     assert "Int8 sensitivity" in (quant_run / "r.html").read_text()
+
+
+def test_qad_with_fitnet_is_refused_before_any_stage(write_config, monkeypatch, capsys) -> None:
+    cfg = write_config({"distill": {"method": "fitnet"}, "export": {"variants": ["qad_int8"]}})
+    monkeypatch.chdir(cfg.parent)
+    assert main(["run", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "export.variants" in err and "qad_int8" in err and "fitnet" in err
+    assert not (cfg.parent / ".kdpipe" / "teacher").exists()  # nothing ran
