@@ -140,6 +140,27 @@ def _activation(node: fx.Node | None, modules: dict[str, nn.Module]) -> float | 
     return None
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping every BatchNorm2d subclass whole (timm's ``BatchNormAct2d``: BN + activation in
+    one module) so that the BN after a conv is found whatever library built the model."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _bn_activation(bn: nn.BatchNorm2d) -> tuple[nn.Module, float | None]:
+    """What stays in a BatchNorm's place once it is folded, and the clamp that follows the conv.
+
+    A plain BatchNorm2d leaves an Identity (the clamp is the next node's); timm's ``BatchNormAct2d`` applies its
+    own activation after the normalisation, so its ``act`` (and ``drop``) stay in the model."""
+    act = getattr(bn, "act", None)
+    if not isinstance(act, nn.Module):
+        return nn.Identity(), None
+    drop = getattr(bn, "drop", None)
+    keep = nn.Sequential(drop, act) if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity) else act
+    return keep, next((v for t, v in _ACTS.items() if isinstance(t, type) and type(act) is t), None)
+
+
 def attach(model: nn.Module, per_channel: bool = True) -> list[str]:
     """Swap ``model``'s Conv2d(+BN)/Linear modules in place for fake-quantised ones; returns the swapped names.
 
@@ -147,22 +168,27 @@ def attach(model: nn.Module, per_channel: bool = True) -> list[str]:
     keeps every qualified parameter name under the new module (``conv.weight`` → ``conv.conv.weight``), so the
     model's own forward (and any method that calls its parts) runs through the fake quantisers.
     """
-    graph = fx.symbolic_trace(model).graph
+    graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     swapped = []
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) not in (nn.Conv2d, nn.Linear):
             continue
         layer, nxt = modules[node.target], _single_user(node)
-        bn = None
+        bn, keep, high = None, None, None
         if isinstance(layer, nn.Conv2d) and nxt is not None and nxt.op == "call_module":
-            if type(modules[nxt.target]) is nn.BatchNorm2d:
+            if isinstance(modules[nxt.target], nn.BatchNorm2d):
                 bn, bn_name = modules[nxt.target], nxt.target
-                nxt = _single_user(nxt)
-        high = _activation(nxt, modules)
+                keep, high = _bn_activation(bn)
+                if high is None and isinstance(keep, nn.Identity):
+                    nxt = _single_user(nxt)
+                else:
+                    nxt = None
+        if high is None:
+            high = _activation(nxt, modules)
         if bn is not None:
-            model.set_submodule(bn_name, nn.Identity())
-            # the Identity takes the BN's place in the model; its statistics live on inside the QuantConv
+            model.set_submodule(bn_name, keep)
+            # what is left of the BN takes its place in the model; its statistics live on inside the QuantConv
         if isinstance(layer, nn.Conv2d):
             quant: nn.Module = QuantConv(layer, bn, high, per_channel)
         else:
@@ -171,6 +197,36 @@ def attach(model: nn.Module, per_channel: bool = True) -> list[str]:
         model.set_submodule(node.target, quant)
         swapped.append(node.target)
     return swapped
+
+
+#: a channel whose BatchNorm running variance is below this fraction of the BN's eps has a constant conv output
+DEAD_VARIANCE = 1.0e-4
+
+
+@torch.no_grad()
+def settle_dead_channels(model: nn.Module) -> dict[str, int]:
+    """Zero the weights of conv channels whose output never varies; returns ``{layer: channels}``.
+
+    A channel fed only zeros (a ReLU that never fires upstream) has running variance ~0, so folding its BatchNorm
+    multiplies its weights by ``γ/√eps`` (~300γ): one such channel sets a per-tensor weight scale hundreds of times
+    too coarse for all the others, and static int8 of the whole layer collapses (what ORT's ``per_channel: false``
+    does to many trained MobileNetV2s). Its output is the constant β whatever the weights are, so setting its
+    weights, conv bias and running mean to 0 keeps the fp32 function (to within the channel's √var·γ/√eps) and
+    gives the layer back a weight scale that fits its live channels. Runs on an :func:`attach`-ed model.
+    """
+    settled = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantConv) or module.bn is None:
+            continue
+        bn = module.bn
+        dead = bn.running_var < DEAD_VARIANCE * bn.eps
+        if bool(dead.any()):
+            module.conv.weight[dead] = 0.0
+            if module.conv.bias is not None:
+                module.conv.bias[dead] = 0.0
+            bn.running_mean[dead] = 0.0
+            settled[name] = int(dead.sum())
+    return settled
 
 
 def quantizers(model: nn.Module) -> Iterator[ActQuant]:

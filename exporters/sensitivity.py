@@ -6,8 +6,9 @@ cache is reused) with ``nodes_to_quantize`` / ``nodes_to_exclude``:
 
 * :func:`analyse` — for every quantisable node, val top-1 and output SQNR (ORT's ``qdq_loss_debug`` formula) with
   only that node quantised, and with only that node left in fp32; ranked, most sensitive first.
-* :func:`fallback_search` — keep the most sensitive nodes in fp32 one at a time until val top-1 is within
-  ``budget`` of fp32, timing each step (batch 1), so the report can show the accuracy/latency trade-off.
+* :func:`fallback_search` — leave nodes in fp32 one more at a time, greedily (each step keeps the candidate that
+  gives the most val top-1 back given the nodes already excluded), until val top-1 is within ``budget`` of fp32,
+  timing each step (batch 1), so the report can show the accuracy/latency trade-off.
 
 Only validation images come in here; the caller re-validates the chosen model on test. numpy/onnx/onnxruntime only.
 """
@@ -170,30 +171,52 @@ def fallback_search(
     max_nodes: int,
     latency: Callable[[Path], dict[str, float]] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    pool: int | None = None,
 ) -> dict[str, Any]:
-    """Leave ``ranking``'s nodes in fp32 one more at a time until val top-1 >= fp32 top-1 - ``budget``.
+    """Leave nodes in fp32 one more at a time, greedily, until val top-1 >= fp32 top-1 - ``budget``.
 
-    Step k excludes the first k nodes of ``ranking`` (step 0 is plain int8). The search stops at the first step
-    within budget, or after ``max_nodes`` exclusions; then the step with the best val top-1 is chosen (the
-    fewest exclusions among equals) and ``within_budget`` is False.
+    Step 0 is plain int8. Each further step tries every not yet excluded node of the first ``pool`` of ``ranking``
+    (all of it when None) on top of the previous step's exclusions and keeps the one that gives the best val
+    top-1 (then the best output SQNR, then the better sensitivity rank). Greedy, not in rank order: the damage
+    is often shared by neighbours (a bad activation range only goes once both of its ends are fp32), so the node
+    that helps most depends on what is already excluded. The search stops at the first step within budget, or
+    after ``max_nodes`` exclusions; then the step with the best val top-1 is chosen (the fewest exclusions among
+    equals) and ``within_budget`` is False.
 
     Returns:
-        ``{"budget", "fp32_top1", "steps": [{"step", "excluded", "val_top1", "sqnr_db", **latency}], "chosen",
-        "within_budget", "model"}`` where ``model`` is the chosen step's file in ``folder``.
+        ``{"budget", "fp32_top1", "steps": [{"step", "excluded", "val_top1", "sqnr_db", "tried", **latency}],
+        "chosen", "within_budget", "model"}`` where ``model`` is the chosen step's file in ``folder``.
     """
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels).reshape(-1)
     reference = evaluate_onnx(prep.model, images)
     fp32_top1 = float(np.mean(reference.argmax(1) == labels))
+    candidates = list(ranking[:pool] if pool is not None else ranking)
+    excluded: list[str] = []
     steps: list[dict[str, Any]] = []
-    for k in range(min(max_nodes, len(ranking)) + 1):
-        excluded = list(ranking[:k])
-        path = quantize(prep, folder / f"fallback-{k}.onnx", exclude=excluded)
-        score = _score(path, images, labels, reference)
-        step = {"step": k, "excluded": excluded, "val_top1": score["top1"], "sqnr_db": score["sqnr_db"],
-                **(latency(path) if latency else {})}  # fmt: skip
+    for k in range(min(max_nodes, len(candidates)) + 1):
+        path = folder / f"fallback-{k}.onnx"
+        if k == 0:
+            score, tried = _score(quantize(prep, path), images, labels, reference), 0
+        else:
+            best: tuple | None = None
+            remaining = [c for c in candidates if c not in excluded]
+            for i, node in enumerate(remaining):
+                trial = quantize(prep, folder / "trial.onnx", exclude=[*excluded, node])
+                got = _score(trial, images, labels, reference)
+                order = (got["top1"], got["sqnr_db"], -i)
+                if best is None or order > best[0]:
+                    best = (order, node, got)
+                    trial.replace(path)
+            assert best is not None
+            _, node, score = best
+            excluded.append(node)
+            tried = len(remaining)
+        step = {"step": k, "excluded": list(excluded), "val_top1": score["top1"], "sqnr_db": score["sqnr_db"],
+                "tried": tried, **(latency(path) if latency else {})}  # fmt: skip
         steps.append(step)
         log(f"int8_fallback step {k}: {len(excluded)} node(s) in fp32, val top-1 {score['top1']:.4f}")
         if score["top1"] >= fp32_top1 - budget:
@@ -228,6 +251,7 @@ def make_int8_fallback(
     method: str = "minmax",
     per_channel: bool = True,
     log: Callable[[str], None] = lambda _: None,
+    candidates: int | None = 32,
 ) -> dict[str, Any]:
     """Static int8 with the fewest nodes left in fp32 that keeps val top-1 within ``budget`` of fp32.
 
@@ -241,7 +265,7 @@ def make_int8_fallback(
     ranking = [row["node"] for row in table["nodes"]]
     probe = step_latency(val_images.shape[1:])
     search = fallback_search(prep, ranking, val_images, val_labels, budget, Path(work) / "fallback", max_nodes,
-                             latency=probe, log=log)  # fmt: skip
+                             latency=probe, log=log, pool=candidates)  # fmt: skip
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(search.pop("model"), dst)
     chosen = search["steps"][search["chosen"]]
@@ -266,4 +290,5 @@ class Int8Fallback(Variant):
             return make_int8_fallback(
                 src, dst, inputs.calibration, *inputs.validation, inputs.accuracy_budget, inputs.max_fallback_nodes,
                 inputs.work_dir or Path(tmp), inputs.method, inputs.per_channel, inputs.log or (lambda _: None),
+                inputs.fallback_candidates,
             )  # fmt: skip

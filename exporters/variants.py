@@ -250,6 +250,7 @@ class VariantInputs:
     validation: tuple[np.ndarray, np.ndarray] | None = None
     accuracy_budget: float = 0.005
     max_fallback_nodes: int = 24
+    fallback_candidates: int | None = 32
     work_dir: Path | None = None
     log: Callable[[str], None] | None = None
 

@@ -387,14 +387,20 @@ class QuantizationConfig(Section):
         0.005,
         ge=0,
         lt=1,
-        description="int8_fallback: largest val top-1 loss against fp32; the most sensitive nodes stay in fp32 "
-        "one at a time until the int8 model is within it.",
+        description="int8_fallback: largest val top-1 loss against fp32; nodes stay in fp32 one more at a time "
+        "(greedily, the one that gives the most back) until the int8 model is within it.",
     )
     sensitivity_samples: int = Field(
         2000, gt=0, description="int8_fallback: validation images (never test) the per-node sensitivity is measured on."
     )
     max_fallback_nodes: int = Field(
         24, ge=1, description="int8_fallback: give up after leaving this many nodes in fp32 (then the best step wins)."
+    )
+    fallback_candidates: int = Field(
+        32,
+        ge=1,
+        description="int8_fallback: each greedy step tries this many of the most sensitive nodes (a step costs one "
+        "quantisation and one validation pass per candidate).",
     )
     qad: QADConfig = Field(default_factory=QADConfig, description="qad_int8 (quantisation-aware distillation).")
 

@@ -31,7 +31,9 @@ def quantization_block(variant: str, info: dict[str, Any], path: Any) -> dict[st
 @STAGES.register()
 class ExportStage(Stage):
     name = "export"
-    version = 3  # 3: samples.npz's expected logits computed as the edge runner computes them
+    # 3: samples.npz's expected logits computed as the edge runner computes them
+    # 4: greedy int8_fallback; QAD keeps its start, replays distillation's views, settles dead channels
+    version = 4
     needs = ("teacher", "distill")
     after = ("validate",)  # accuracy is known before the export work starts
     uses_data = True
@@ -162,6 +164,7 @@ class ExportStage(Stage):
                 validation=validation,
                 accuracy_budget=q.accuracy_budget,
                 max_fallback_nodes=q.max_fallback_nodes,
+                fallback_candidates=q.fallback_candidates,
                 work_dir=ctx.work_dir / name,
                 log=ctx.log,
             )

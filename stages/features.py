@@ -86,7 +86,13 @@ class FeaturesStage(Stage):
             body, head, shape = frozen(t.body).to(device), frozen(t.head).to(device), t.feature_shape
         fmt = torch.channels_last if ctx.cfg.config.runtime.channels_last else torch.contiguous_format
         body = body.to(memory_format=fmt)
-        table = make_view_table(len(data.train_x), conf.views, ctx.cfg.config.data.augment, conf.seed)
+        aug = ctx.cfg.config.data.augment
+        if conf.views == 1 and (aug.random_crop_padding or aug.horizontal_flip):
+            ctx.log(
+                "warning: features.views: 1 is the plain images only: students distil on them without "
+                "data.augment's crops and flips; set views > 1 or features.enabled: false to augment"
+            )
+        table = make_view_table(len(data.train_x), conf.views, aug, conf.seed)
         index = splits.train_idx.numpy()
         n, k = len(index), conf.views
         dtype = np.float16 if conf.precision == "fp16" else np.float32

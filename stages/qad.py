@@ -50,7 +50,7 @@ def finetune(
     ``parity_images`` (what the exported int8 model is compared with)."""
     import torch
 
-    from kdpipe.exporters.qad import attach, calibrate, detach
+    from kdpipe.exporters.qad import attach, calibrate, detach, settle_dead_channels
     from kdpipe.ml.device import pick_device
     from kdpipe.ml.models import load_teacher
     from kdpipe.ml.split import split_model
@@ -72,8 +72,19 @@ def finetune(
     device = pick_device(ctx.runtime.device)
     signals = OnlineTeacher(teacher, split, distiller.signals, device)
     names = attach(student, conf.quantization.per_channel)
+    dead = settle_dead_channels(student)
+    if dead:
+        ctx.log(f"qad: {sum(dead.values())} dead channel(s) in {len(dead)} layer(s) zeroed before folding")
     calibrate(student, calibration)
     built = Built(model=student, trainable=student, spec=spec)
+    views = None
+    if cfg.config.features.enabled and isinstance(data.train_x, torch.Tensor):
+        # the student was distilled on the features stage's precomputed views (views: 1 is the plain images
+        # only): fine-tuning replays exactly those, so QAD adapts to quantisation, not to new augmentations
+        from kdpipe.ml.data import make_view_table
+
+        f = cfg.config.features
+        views = make_view_table(len(data.train_x), f.views, cfg.config.data.augment, f.seed)
     torch.manual_seed(conf.quantization.qad.seed)
     result = fit(
         model=student,
@@ -87,13 +98,17 @@ def finetune(
         desc=f"qad {spec['student_arch']} ({method})",
         progress=ctx.progress,
         log=ctx.log,
+        keep_start=True,
+        views=views,
     )
     student.cpu()
     calibrate(student, calibration)  # the ranges ORT's MinMax calibration will find on the fine-tuned weights
     with torch.no_grad():
         fake_logits = student.eval()(parity_images)
     detach(student, names)
-    summary = {k: result[k] for k in ("best_val_top1", "best_epoch", "history", "images_per_second")}
+    summary = {k: result[k] for k in ("start_val_top1", "best_val_top1", "best_epoch", "history", "images_per_second")}
+    summary["dead_channels"] = dead
+    summary["views"] = views.views if views is not None else None
     return student.eval(), {"method": method, "epochs": conf.quantization.qad.epochs, **summary}, fake_logits
 
 

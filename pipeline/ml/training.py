@@ -165,6 +165,8 @@ class FitJob:
         views: precomputed augmentation views (with cached teacher features): batches replay one of them.
         amp: autocast ``loss_fn`` (bf16 on CPU; fp16 with a gradient scaler on CUDA).
         compile: ``torch.compile`` the model in place (state_dict keys unchanged).
+        keep_start: evaluate the model before training as "epoch 0": when no epoch beats it on val top-1, the
+            starting weights are what comes back (fine-tuning never ships worse than where it started).
     """
 
     model: nn.Module
@@ -183,6 +185,7 @@ class FitJob:
     views: ViewTable | None = None
     amp: bool = False
     compile: bool = False
+    keep_start: bool = False
 
 
 def fit(*, nproc: int = 1, **job: Any) -> dict[str, Any]:
@@ -244,6 +247,13 @@ class _Loop:
             total=conf.epochs * self.steps, initial=self.state["epoch"] * self.steps, desc=job.desc, unit="step",
             disable=None if job.progress and self.rank == 0 else True, dynamic_ncols=True, leave=False,
         )  # fmt: skip
+        if job.keep_start and self.rank == 0 and self.state["epoch"] == 0 and self.state["best_state"] is None:
+            splits = job.splits
+            logits = predict(job.model, splits.val_x, splits.data.mean, splits.data.std, job.eval_batch_size,
+                             job.device)  # fmt: skip
+            start = accuracy(logits, splits.val_y)
+            self.state.update(best_val_top1=start, best_epoch=0, best_state=_cpu_state(job.model), start_val_top1=start)
+            job.log(f"{job.desc}: val top-1 {start:.4f} before training")
         try:
             for epoch in range(self.state["epoch"], conf.epochs):
                 loss, n, seconds = self.train_epoch(epoch)
@@ -390,6 +400,7 @@ class _Loop:
             "best_epoch": state["best_epoch"],
             "history": done,
             "images_per_second": ips,
+            **({"start_val_top1": state["start_val_top1"]} if "start_val_top1" in state else {}),
         }
 
 

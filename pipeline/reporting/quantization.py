@@ -90,11 +90,16 @@ def render_markdown(report: dict[str, Any]) -> list[str]:
                   "", *_md_table(SENS_HEAD, sensitivity_rows(table))]  # fmt: skip
     for name, search in _quantized(report, "fallback"):
         state = "within" if search["within_budget"] else "NOT within"
-        lines += ["", f"{name}: nodes left in fp32 one at a time, budget {_pp(-search['budget'])} of val top-1; "
+        lines += ["", f"{name}: nodes left in fp32 one more at a time (greedy), budget {_pp(-search['budget'])} "
+                  "of val top-1; "
                   f"step {search['chosen']} chosen ({state} budget):", "", *_md_table(FALLBACK_HEAD,
                   fallback_rows(search))]  # fmt: skip
     for name, qad in _quantized(report, "qad"):
         parity = qad.get("fake_quant_parity") or {}
+        dead = qad.get("dead_channels") or {}
+        if dead:
+            lines += ["", f"{name}: {sum(dead.values())} dead channel(s) (constant output, BN variance ~0) zeroed "
+                      f"before folding in {', '.join(f'`{k}` ({v})' for k, v in dead.items())}."]  # fmt: skip
         lines += ["", f"{name}: QAD fine-tuned {qad['epochs']} epoch(s) with the {qad['method']} loss; best val "
                   f"top-1 (fake-quantised) {_pct(qad['best_val_top1'])} at epoch {qad['best_epoch']}; ORT int8 vs the "
                   f"fake-quant PyTorch model: top-1 agreement {parity.get('top1_agreement', 0):.4f}, max abs Δ "
@@ -123,6 +128,8 @@ def render_html(report: dict[str, Any]) -> str:
                      f"step {search['chosen']} chosen.</p>")  # fmt: skip
         parts.append(_html_table(FALLBACK_HEAD, fallback_rows(search)))
     for name, qad in _quantized(report, "qad"):
+        dead = qad.get("dead_channels") or {}
+        settled = f" {sum(dead.values())} dead channel(s) zeroed before folding." if dead else ""
         parts.append(f"<p>{html.escape(name)}: QAD {qad['epochs']} epoch(s), {html.escape(qad['method'])} loss, best "
-                     f"val top-1 {_pct(qad['best_val_top1'])}.</p>")  # fmt: skip
+                     f"val top-1 {_pct(qad['best_val_top1'])}.{html.escape(settled)}</p>")  # fmt: skip
     return "".join(parts) + "</section>"

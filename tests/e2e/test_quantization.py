@@ -48,6 +48,9 @@ def test_quantised_variants_end_to_end(quant_run: Path, monkeypatch, capsys) -> 
     assert fallback["excluded"] == steps[fallback["fallback"]["chosen"]]["excluded"]
     qad = models["student-qad_int8"]["quantization"]["qad"]
     assert qad["epochs"] == 1 and len(qad["history"]) == 1 and qad["fake_quant_parity"]["top1_agreement"] >= 0.9
+    assert 0 <= qad["start_val_top1"] <= qad["best_val_top1"] and qad["best_epoch"] in (0, 1)
+    assert qad["views"] is None  # no cached teacher features here: fresh augmentation, as distillation had
+    assert qad["dead_channels"] == {} and steps[0]["tried"] == 0 and all(s["tried"] >= 1 for s in steps[1:])
     for name in ("student-int8_static", "student-int8_fallback", "student-qad_int8"):
         assert 0 <= models[name]["accuracy"]["top1"] <= 1 and models[name]["latency"]["batch_1"]["p50_ms"] > 0
     assert models["student-qad_int8"]["precision"]["computes_in"] == "int8"

@@ -105,6 +105,18 @@ def test_fallback_stops_within_budget(prepared) -> None:
     assert not any(i.endswith("_DequantizeLinear_Output") for i in conv_a.input)  # fp32 weights and input
 
 
+def test_fallback_is_greedy_not_rank_order(prepared, tmp_path: Path) -> None:
+    """The fragile node is found even when the ranking puts it last: each step tries every candidate."""
+    prep, val, labels, _ = prepared
+    result = fallback_search(prep, ["gemm", "gap", "conv_b", "conv_a"], val, labels, 0.05, tmp_path, max_nodes=4)
+    steps = result["steps"]
+    assert [s["excluded"] for s in steps] == [[], ["conv_a"]] and steps[1]["tried"] == 4
+    assert result["within_budget"] and result["chosen"] == 1
+    limited = fallback_search(prep, ["gemm", "gap", "conv_b", "conv_a"], val, labels, 0.05, tmp_path / "pool",
+                              max_nodes=2, pool=2)  # fmt: skip
+    assert "conv_a" not in limited["steps"][-1]["excluded"] and limited["steps"][1]["tried"] == 2
+
+
 def test_no_budget_met_picks_the_best_step(prepared, tmp_path: Path) -> None:
     prep, val, labels, _ = prepared
     result = fallback_search(prep, ["gemm", "gap"], val, labels, 0.0, tmp_path, max_nodes=1)

@@ -55,6 +55,24 @@ def test_resume_after_kill_matches_uninterrupted_run(write_config, tmp_path):
     assert [h["val_top1"] for h in res_a["history"]] == [h["val_top1"] for h in res_b["history"]]
 
 
+def test_keep_start_returns_the_start_when_training_only_hurts(write_config, tmp_path):
+    """Fine-tuning that makes things worse (here: gradient ascent on the loss) gives back the starting weights."""
+    cfg = load_config(write_config())
+    splits = make_splits(cfg, load_dataset(cfg))
+    trained, _, _ = _fit(splits, cfg, tmp_path / "a")
+    start = {k: v.clone() for k, v in trained.state_dict().items()}
+    conf = TrainConfig(epochs=2, batch_size=32, lr=0.5, seed=3)
+    result = fit(
+        model=trained, trainable=trained, loss_fn=lambda b: -torch.nn.functional.cross_entropy(trained(b.x), b.y),
+        splits=splits, conf=conf, augment=cfg.config.data.augment, work_dir=tmp_path / "ft",
+        device=torch.device("cpu"), desc="t", progress=False, log=lambda s: None, keep_start=True,
+    )  # fmt: skip
+    assert result["best_epoch"] == 0 and result["start_val_top1"] == result["best_val_top1"]
+    assert all(h["val_top1"] < result["start_val_top1"] for h in result["history"])
+    for k, v in start.items():
+        torch.testing.assert_close(trained.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_splits_are_disjoint_and_seeded(write_config):
     cfg = load_config(write_config({"data": {"train_subset": 50}}))
     data = load_dataset(cfg)

@@ -65,3 +65,14 @@ def test_html_section_and_nothing_without_variants() -> None:
     assert "<section id='quantisation'>" in render_html(REPORT) and "conv_b" in render_html(REPORT)
     plain = {"models": {"student": REPORT["models"]["student"]}}
     assert render_markdown(plain) == [] and render_html(plain) == ""
+
+
+def test_qad_line_names_the_dead_channels() -> None:
+    qad = {"method": "kd", "epochs": 2, "best_val_top1": 0.9, "best_epoch": 2,
+           "dead_channels": {"blocks.0.0.conv_dw": 2},
+           "fake_quant_parity": {"top1_agreement": 0.99, "max_abs_diff": 0.1}}  # fmt: skip
+    report = {"models": {"student": REPORT["models"]["student"], "student-qad_int8": {
+        "variant": "qad_int8", "accuracy": {"top1": 0.9}, "quantization": {"qad": qad}}}}  # fmt: skip
+    text = "\n".join(render_markdown(report))
+    assert "2 dead channel(s)" in text and "`blocks.0.0.conv_dw` (2)" in text
+    assert "2 dead channel(s) zeroed" in render_html(report)
