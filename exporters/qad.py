@@ -132,7 +132,7 @@ def _activation(node: fx.Node | None, modules: dict[str, nn.Module]) -> float | 
     if node is None:
         return None
     if node.op == "call_module":
-        return next((v for t, v in _ACTS.items() if isinstance(t, type) and type(modules[node.target]) is t), None)
+        return _ACTS.get(type(modules[node.target]))
     if node.op in ("call_function", "call_method"):
         if node.target in ("relu", "relu_"):
             return 6.0e30
@@ -158,7 +158,7 @@ def _bn_activation(bn: nn.BatchNorm2d) -> tuple[nn.Module, float | None]:
         return nn.Identity(), None
     drop = getattr(bn, "drop", None)
     keep = nn.Sequential(drop, act) if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity) else act
-    return keep, next((v for t, v in _ACTS.items() if isinstance(t, type) and type(act) is t), None)
+    return keep, _ACTS.get(type(act))
 
 
 def attach(model: nn.Module, per_channel: bool = True) -> list[str]:

@@ -63,7 +63,7 @@ class FeaturesStage(Stage):
         import torch
         from tqdm import tqdm
 
-        from kdpipe.ml.data import apply_params, make_view_table, normalize
+        from kdpipe.ml.data import apply_params, normalize
         from kdpipe.ml.device import pick_device
         from kdpipe.ml.models import frozen, load_teacher
         from kdpipe.ml.split import split_model
@@ -92,7 +92,7 @@ class FeaturesStage(Stage):
                 "warning: features.views: 1 is the plain images only: students distil on them without "
                 "data.augment's crops and flips; set views > 1 or features.enabled: false to augment"
             )
-        table = make_view_table(len(data.train_x), conf.views, aug, conf.seed)
+        table = view_table(ctx.cfg, len(data.train_x))
         index = splits.train_idx.numpy()
         n, k = len(index), conf.views
         dtype = np.float16 if conf.precision == "fp16" else np.float32
@@ -152,6 +152,13 @@ class FeaturesStage(Stage):
         }
         (ctx.out_dir / INFO).write_text(json.dumps(info, indent=2))
         return info
+
+
+def view_table(cfg: Any, images: int) -> Any:
+    """The augmented views the teacher runs on, and distillation and QAD replay: one seeded table per config."""
+    from kdpipe.ml.data import make_view_table
+
+    return make_view_table(images, cfg.config.features.views, cfg.config.data.augment, cfg.config.features.seed)
 
 
 def open_reserved(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:

@@ -81,10 +81,9 @@ def finetune(
     if cfg.config.features.enabled and isinstance(data.train_x, torch.Tensor):
         # the student was distilled on the features stage's precomputed views (views: 1 is the plain images
         # only): fine-tuning replays exactly those, so QAD adapts to quantisation, not to new augmentations
-        from kdpipe.ml.data import make_view_table
+        from kdpipe.stages.features import view_table
 
-        f = cfg.config.features
-        views = make_view_table(len(data.train_x), f.views, cfg.config.data.augment, f.seed)
+        views = view_table(cfg, len(data.train_x))
     torch.manual_seed(conf.quantization.qad.seed)
     result = fit(
         model=student,

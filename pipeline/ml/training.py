@@ -248,10 +248,7 @@ class _Loop:
             disable=None if job.progress and self.rank == 0 else True, dynamic_ncols=True, leave=False,
         )  # fmt: skip
         if job.keep_start and self.rank == 0 and self.state["epoch"] == 0 and self.state["best_state"] is None:
-            splits = job.splits
-            logits = predict(job.model, splits.val_x, splits.data.mean, splits.data.std, job.eval_batch_size,
-                             job.device)  # fmt: skip
-            start = accuracy(logits, splits.val_y)
+            start = self.val_top1()
             self.state.update(best_val_top1=start, best_epoch=0, best_state=_cpu_state(job.model), start_val_top1=start)
             job.log(f"{job.desc}: val top-1 {start:.4f} before training")
         try:
@@ -352,12 +349,15 @@ class _Loop:
             average_buffers(job.model, size)
         return mean_loss, n, seconds
 
+    def val_top1(self) -> float:
+        job, splits = self.job, self.job.splits
+        logits = predict(job.model, splits.val_x, splits.data.mean, splits.data.std, job.eval_batch_size, job.device)
+        return accuracy(logits, splits.val_y)
+
     def end_epoch(self, epoch: int, loss: float, n: int, seconds: float) -> None:
         """Evaluate on the val split, keep the best weights, checkpoint, and say how the epoch went."""
         job, state = self.job, self.state
-        splits = job.splits
-        logits = predict(job.model, splits.val_x, splits.data.mean, splits.data.std, job.eval_batch_size, job.device)
-        val_top1 = accuracy(logits, splits.val_y)
+        val_top1 = self.val_top1()
         record = {
             "epoch": epoch + 1,
             "train_loss": loss,
