@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -352,14 +352,20 @@ def make_variant(
 
 def evaluate_onnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Float32 logits of the model at ``path`` for already-normalised ``images`` (CPU provider)."""
+    return evaluate_onnx_chunks(path, [images], batch_size)
+
+
+def evaluate_onnx_chunks(path: Path, chunks: Iterable[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """:func:`evaluate_onnx` over chunks of images (each cut into ``batch_size`` batches) with one session."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     session = _cpu_session(Path(path))
     input_name = session.get_inputs()[0].name
-    images = np.ascontiguousarray(images, dtype=np.float32)
-    outputs = [
-        session.run(None, {input_name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
-    ]
+    outputs = []
+    for images in chunks:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        outputs += [session.run(None, {input_name: images[i : i + batch_size]})[0]
+                    for i in range(0, len(images), batch_size)]  # fmt: skip
     return np.concatenate(outputs).astype(np.float32, copy=False)
 
 

@@ -244,7 +244,6 @@ def models() -> None:
 @click.option("--verify", is_flag=True, help="Also check the files' sha256 against the manifest.")
 def teachers(verify: bool) -> None:
     """List the teachers shipped with kdpipe (use one with teacher.path: shipped:NAME)."""
-    from kdpipe.errors import UsageError
     from kdpipe.teachers import describe, manifest
     from kdpipe.teachers import verify as verify_file
 

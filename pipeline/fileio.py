@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 
+def clear_folder(path: Path) -> None:
+    """Remove a folder standing where a file belongs (damaged state: a file can never be written in its place)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, mode: int = 0o644) -> Iterator[Path]:
     """A temporary path beside ``path`` for any writer (``torch.save``, ``onnx.save``, a tar file); it replaces
@@ -92,7 +98,6 @@ class FileDigests:
     def save(self) -> None:
         if not self._dirty:
             return
-        if self.path.is_dir() and not self.path.is_symlink():  # damaged state: a folder in the memo's place
-            shutil.rmtree(self.path)
+        clear_folder(self.path)
         atomic_write_text(self.path, json.dumps(self._memo))
         self._dirty = False

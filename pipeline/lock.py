@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kdpipe.errors import UsageError
+from kdpipe.fileio import clear_folder
 
 LOCK = ".lock"
 _HELD: set[int] = set()  # descriptors of the locks this process holds
@@ -81,8 +81,7 @@ class CacheLock:
             return self
         self._created = not self.cache_dir.exists()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.is_dir() and not self.path.is_symlink():  # damaged state: nobody can hold a folder
-            shutil.rmtree(self.path)
+        clear_folder(self.path)  # damaged state: nobody can hold a folder
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

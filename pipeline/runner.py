@@ -19,7 +19,7 @@ from typing import Any
 from kdpipe.cache import Cache, cache_key, key_payload, library_versions
 from kdpipe.config import LoadedConfig, load_config
 from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError
-from kdpipe.fileio import FileDigests, atomic_write_json
+from kdpipe.fileio import FileDigests, atomic_write_json, clear_folder
 from kdpipe.lock import CacheLock
 from kdpipe.ml.sources import dataset_fingerprint
 from kdpipe.stages import ORDER
@@ -230,8 +230,7 @@ def record_run(cfg: LoadedConfig, steps: list[Step], started: float) -> dict[str
         },
     }
     target = cfg.cache_dir / LAST_RUN
-    if target.is_dir() and not target.is_symlink():  # damaged state: a folder in the record's place
-        shutil.rmtree(target)
+    clear_folder(target)  # damaged state: a folder in the record's place
     atomic_write_json(target, record)
     return record
 

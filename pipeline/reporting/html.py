@@ -16,6 +16,7 @@ from typing import Any
 from kdpipe.fileio import atomic_write_text
 from kdpipe.reporting import plots, quantization, summary
 from kdpipe.reporting.macs import format_macs
+from kdpipe.reporting.summary import pp
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:20px auto;
@@ -61,16 +62,6 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "–" if v is None else f"{v * scale:{spec}}{suffix}"
 
 
-def _batches(models: dict[str, Any]) -> list[int]:
-    """Batch sizes benchmarked for any model, ascending (``batch_64`` → 64)."""
-    found = set()
-    for m in models.values():
-        for key in (m.get("latency") or {}) if isinstance(m, dict) else ():
-            if str(key).startswith("batch_") and str(key)[6:].isdigit():
-                found.add(int(str(key)[6:]))
-    return sorted(found)
-
-
 def _row(cells: list[str], cls: str = "", left: int = 1) -> str:
     """Pre-escaped cells → ``<tr>``; a cell that already starts with ``<td`` is kept as it is."""
     tds = "".join(
@@ -89,13 +80,8 @@ def _fact(value: str, key: str) -> str:
     return f'<div class="fact"><div class="v">{value}</div><div class="k">{key}</div></div>'
 
 
-def _pp(value: Any) -> str:
-    return "–" if value is None else f"{100 * float(value):+.2f} pp"
-
-
-def _ship_card(report: dict[str, Any]) -> str:
+def _ship_card(report: dict[str, Any], rec: dict[str, Any]) -> str:
     """The first screen: what to ship (or that nothing passes), its figures and gates, the flags, the context."""
-    rec = summary.recommendation(report)
     parts: list[str] = []
     if rec["status"] in ("none", "empty"):
         parts.append(f'<div class="head bad">Nothing to ship: {_e(rec["reason"])}.</div>')
@@ -117,8 +103,8 @@ def _ship_card(report: dict[str, Any]) -> str:
         parts.append(f'<div class="head">{head}: <span class="ok">{_e(rec["model"])}</span>{file}</div>')
         lat_key = f"p90 latency, batch {f['batch']} (p50 {_fmt(f['p50_ms'], '.3f')} ms)"
         speed = f"{_fmt(f['speedup_vs_teacher'], '.2f')}× the teacher's speed (p50)" if f["speedup_vs_teacher"] else ""
-        top1_key = "test top-1" + (f", {_pp(f['top1_vs_fp32'])} vs fp32" if f["top1_vs_fp32"] is not None else "")
-        top1_key += f", {_pp(f['top1_vs_teacher'])} vs teacher" if f["top1_vs_teacher"] is not None else ""
+        top1_key = "test top-1" + (f", {pp(f['top1_vs_fp32'])} vs fp32" if f["top1_vs_fp32"] is not None else "")
+        top1_key += f", {pp(f['top1_vs_teacher'])} vs teacher" if f["top1_vs_teacher"] is not None else ""
         facts = [
             _fact(_fmt(f["test_top1"], ".2f", 100, "%"), _e(top1_key)),
             _fact(_fmt(f["p90_ms"], ".3f", suffix=" ms"), _e(lat_key + (f"; {speed}" if speed else ""))),
@@ -208,7 +194,12 @@ def _methods_section(comparison: list[dict[str, Any]]) -> str:
     for r in comparison:
         name = f"<b>{_e(r.get('method'))}</b> (deployed)" if r.get("deployed") else _e(r.get("method"))
         delta = r.get("delta_vs_scratch")
-        cells = [name, _fmt(r.get("test_top1"), ".2f", 100, "%"), _pp(delta), _fmt(r.get("val_top1"), ".2f", 100, "%")]
+        cells = [
+            name,
+            _fmt(r.get("test_top1"), ".2f", 100, "%"),
+            pp(delta),
+            _fmt(r.get("val_top1"), ".2f", 100, "%"),
+        ]
         rows.append(_row([*cells, _fmt(r.get("parameters"), ",.0f"), _fmt(r.get("seconds"), ".1f", suffix=" s")]))
     note = (
         '<p class="note">Same student, recipe, seed and batches for every method; the epoch is chosen on the '
@@ -261,7 +252,7 @@ def render_html(report: dict[str, Any]) -> str:
     models = {str(k): v for k, v in (report.get("models") or {}).items() if isinstance(v, dict)}
     dataset = report.get("dataset") or {}
     classes = list(dataset.get("classes") or [])
-    batches = _batches(models)
+    batches = summary.batches(models)
     title = f"kdpipe report: {dataset.get('name', 'unknown dataset')}"
     parts = [f"<h1>{_e(title)}</h1>"]
     meta = [f"created {report.get('created', '?')}", f"kdpipe {report.get('kdpipe_version', '?')}"]
@@ -271,8 +262,9 @@ def render_html(report: dict[str, Any]) -> str:
         meta += [f"{len(classes)} classes, input {shape}", " / ".join(sizes)]
     parts.append(f'<p class="meta">{_e(" · ".join(m for m in meta if m))}</p>')
     recommended = (report.get("deployment") or {}).get("recommended")
-    if models:
-        parts.append(_ship_card(report))
+    rec = summary.recommendation(report) if models else None
+    if rec:
+        parts.append(_ship_card(report, rec))
     banner, gates_html = _gates_section(list(report.get("gates") or []))
     parts += [banner, gates_html]
     if models:
@@ -283,7 +275,7 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(_methods_section(comparison))
     parts.append(_simkd_cost(models.get("student") or {}))
     parts.append(_targets_section(report.get("targets") or {}))
-    rec_batch = summary.recommendation(report)["facts"].get("batch") if models else None
+    rec_batch = rec["facts"].get("batch") if rec else None
     batch = int(rec_batch) if rec_batch and str(rec_batch).isdigit() else (batches[0] if batches else None)
     student_method = (models.get("student") or {}).get("method") or ""
     drawings = [

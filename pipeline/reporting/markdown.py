@@ -15,14 +15,9 @@ from kdpipe.reporting.macs import format_macs
 from kdpipe.reporting.summary import pct
 
 
-def _batches(models: dict[str, Any]) -> list[str]:
-    found = {b for m in models.values() for b in m.get("latency") or {}}
-    return sorted(found, key=lambda b: int(summary.batch_of(b)))
-
-
 def models_table(models: dict[str, Any]) -> list[str]:
     """One row per model: accuracy, agreement, parity, size, MACs and p50/p90/p99 per batch size."""
-    batches = _batches(models)
+    batches = [f"batch_{b}" for b in summary.batches(models)]
     head = ["model", "arch", "params", "MACs", "ONNX bytes", "test top-1", "top-5", "parity max abs Δ", "agreement"]
     head += [f"p50 / p90 / p99 ms (b={summary.batch_of(b)})" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

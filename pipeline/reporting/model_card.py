@@ -166,7 +166,7 @@ def render_model_card(report: dict[str, Any]) -> str:
     }[rec["status"]]
     data = report.get("dataset") or {}
     lines = [f"# Model card: {name} ({data.get('name', '?')} classifier)", "", f"Status: **{status}**.", ""]
-    lines += [*summary.ship_lines(report), ""]
+    lines += [*summary.ship_lines(report, rec), ""]
     verdict = summary.distillation_verdict(report) or "Not compared in this run (`distill.compare: [scratch]`)."
     sections = [
         ("What it is", _what(report, name)),

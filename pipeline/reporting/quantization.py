@@ -10,15 +10,9 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from kdpipe.reporting.summary import pct, pp
+
 TOP_NODES = 12  # sensitivity rows shown; report.json has them all
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
-
-
-def _pp(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:+.2f} pp"
 
 
 def _db(v: float | None) -> str:
@@ -40,7 +34,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
         top1 = (m.get("accuracy") or {}).get("top1")
         computes = (m.get("precision") or {}).get("computes_in", "fp32" if name == "student" else "–")
         delta = None if top1 is None or fp32 is None or name == "student" else top1 - fp32
-        rows.append([name, computes, _pct(top1), _pp(delta), _ms((m.get("latency") or {}).get("batch_1"))])
+        rows.append([name, computes, pct(top1), pp(delta), _ms((m.get("latency") or {}).get("batch_1"))])
     return rows
 
 
@@ -53,8 +47,8 @@ def sensitivity_rows(table: dict[str, Any], limit: int = TOP_NODES) -> list[list
     rows = []
     for r in table["nodes"][:limit]:
         alone, kept = r["quantized_only"], r["fp32_only"]
-        rows.append([str(r["rank"]), r["node"], r["op_type"], _db(alone["sqnr_db"]), _pct(alone["top1"]),
-                     _pct(kept["top1"]), _db(kept["sqnr_db"])])  # fmt: skip
+        rows.append([str(r["rank"]), r["node"], r["op_type"], _db(alone["sqnr_db"]), pct(alone["top1"]),
+                     pct(kept["top1"]), _db(kept["sqnr_db"])])  # fmt: skip
     return rows
 
 
@@ -63,7 +57,7 @@ def fallback_rows(search: dict[str, Any]) -> list[list[str]]:
     for s in search["steps"]:
         mark = " ✔" if s["step"] == search["chosen"] else ""
         added = s["excluded"][-1] if s["excluded"] else "(plain int8)"
-        rows.append([f"{s['step']}{mark}", added, _pct(s["val_top1"]), _pp(s["val_top1"] - search["fp32_top1"]),
+        rows.append([f"{s['step']}{mark}", added, pct(s["val_top1"]), pp(s["val_top1"] - search["fp32_top1"]),
                      _db(s["sqnr_db"]), _ms(s)])  # fmt: skip
     return rows
 
@@ -86,11 +80,11 @@ def render_markdown(report: dict[str, Any]) -> list[str]:
     lines = ["", "### Quantisation", "", *_md_table(SUMMARY_HEAD, summary_rows(report))]
     for name, table in _quantized(report, "sensitivity"):
         lines += ["", f"Int8 sensitivity of {name} on {table['samples']} validation images (fp32 "
-                  f"{_pct(table['fp32']['top1'])}, all int8 {_pct(table['int8']['top1'])}); most sensitive first:",
+                  f"{pct(table['fp32']['top1'])}, all int8 {pct(table['int8']['top1'])}); most sensitive first:",
                   "", *_md_table(SENS_HEAD, sensitivity_rows(table))]  # fmt: skip
     for name, search in _quantized(report, "fallback"):
         state = "within" if search["within_budget"] else "NOT within"
-        lines += ["", f"{name}: nodes left in fp32 one more at a time (greedy), budget {_pp(-search['budget'])} "
+        lines += ["", f"{name}: nodes left in fp32 one more at a time (greedy), budget {pp(-search['budget'])} "
                   "of val top-1; "
                   f"step {search['chosen']} chosen ({state} budget):", "", *_md_table(FALLBACK_HEAD,
                   fallback_rows(search))]  # fmt: skip
@@ -101,7 +95,7 @@ def render_markdown(report: dict[str, Any]) -> list[str]:
             lines += ["", f"{name}: {sum(dead.values())} dead channel(s) (constant output, BN variance ~0) zeroed "
                       f"before folding in {', '.join(f'`{k}` ({v})' for k, v in dead.items())}."]  # fmt: skip
         lines += ["", f"{name}: QAD fine-tuned {qad['epochs']} epoch(s) with the {qad['method']} loss; best val "
-                  f"top-1 (fake-quantised) {_pct(qad['best_val_top1'])} at epoch {qad['best_epoch']}; ORT int8 vs the "
+                  f"top-1 (fake-quantised) {pct(qad['best_val_top1'])} at epoch {qad['best_epoch']}; ORT int8 vs the "
                   f"fake-quant PyTorch model: top-1 agreement {parity.get('top1_agreement', 0):.4f}, max abs Δ "
                   f"{parity.get('max_abs_diff', 0):.2e}."]  # fmt: skip
     return lines
@@ -121,15 +115,15 @@ def render_html(report: dict[str, Any]) -> str:
     parts = ["<section id='quantisation'><h2>Quantisation</h2>", _html_table(SUMMARY_HEAD, summary_rows(report))]
     for name, table in _quantized(report, "sensitivity"):
         parts.append(f"<h3>Int8 sensitivity: {html.escape(name)}</h3><p>{table['samples']} validation images; fp32 "
-                     f"{_pct(table['fp32']['top1'])}, all int8 {_pct(table['int8']['top1'])}.</p>")  # fmt: skip
+                     f"{pct(table['fp32']['top1'])}, all int8 {pct(table['int8']['top1'])}.</p>")  # fmt: skip
         parts.append(_html_table(SENS_HEAD, sensitivity_rows(table, limit=len(table["nodes"]))))
     for name, search in _quantized(report, "fallback"):
-        parts.append(f"<h3>Fallback steps: {html.escape(name)}</h3><p>Budget {_pp(-search['budget'])} of val top-1; "
+        parts.append(f"<h3>Fallback steps: {html.escape(name)}</h3><p>Budget {pp(-search['budget'])} of val top-1; "
                      f"step {search['chosen']} chosen.</p>")  # fmt: skip
         parts.append(_html_table(FALLBACK_HEAD, fallback_rows(search)))
     for name, qad in _quantized(report, "qad"):
         dead = qad.get("dead_channels") or {}
         settled = f" {sum(dead.values())} dead channel(s) zeroed before folding." if dead else ""
         parts.append(f"<p>{html.escape(name)}: QAD {qad['epochs']} epoch(s), {html.escape(qad['method'])} loss, best "
-                     f"val top-1 {_pct(qad['best_val_top1'])}.{html.escape(settled)}</p>")  # fmt: skip
+                     f"val top-1 {pct(qad['best_val_top1'])}.{html.escape(settled)}</p>")  # fmt: skip
     return "".join(parts) + "</section>"

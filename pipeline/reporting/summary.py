@@ -21,6 +21,21 @@ def pct(value: Any, digits: int = 2) -> str:
     return "–" if value is None else f"{100 * float(value):.{digits}f}%"
 
 
+def pp(value: Any) -> str:
+    """A top-1 difference in percentage points (``-0.0022`` → ``-0.22 pp``)."""
+    return "–" if value is None else f"{100 * float(value):+.2f} pp"
+
+
+def batches(models: dict[str, Any]) -> list[int]:
+    """Batch sizes benchmarked for any model, ascending (``batch_64`` → 64)."""
+    found = set()
+    for m in models.values():
+        for key in (m.get("latency") or {}) if isinstance(m, dict) else ():
+            if str(key).startswith("batch_") and str(key)[6:].isdigit():
+                found.add(int(str(key)[6:]))
+    return sorted(found)
+
+
 def batch_of(key: str | None) -> str:
     return "?" if not key else str(key).removeprefix("batch_")
 
@@ -158,9 +173,10 @@ def flags(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def ship_lines(report: dict[str, Any]) -> list[str]:
-    """The recommendation as a few plain sentences (Markdown and the model card use them)."""
-    rec = recommendation(report)
+def ship_lines(report: dict[str, Any], rec: dict[str, Any] | None = None) -> list[str]:
+    """The recommendation (``rec``, computed here when not given) as a few plain sentences (Markdown and the model
+    card use them)."""
+    rec = rec or recommendation(report)
     if rec["status"] == "none":
         return [f"**Nothing to ship**: {rec['reason']}."]
     if rec["status"] == "empty":
