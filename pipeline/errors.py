@@ -6,6 +6,18 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = 160) -> str:
+    """The first line of an exception's message (cut to ``limit`` characters), for one-line errors and warnings."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text[:limit] if limit else text
+
+
+def describe(exc: BaseException, limit: int | None = 160) -> str:
+    """``Type: first line of the message`` (just the type when there is no message)."""
+    text = first_line(exc, limit)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class KdpipeError(Exception):
     """Base class; ``exit_code`` is what the CLI returns."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from kdpipe.config import GateConfig, LoadedConfig
 from kdpipe.diskspace import check_folder_layout, check_writable_dir, ensure_space
-from kdpipe.errors import ConfigError, UsageError
+from kdpipe.errors import ConfigError, UsageError, describe
 
 #: what each deployment variant needs beyond onnxruntime's core (a trimmed onnxruntime wheel may lack it)
 VARIANT_MODULES = {
@@ -242,9 +242,8 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
         except Exception as exc:  # the stage would fail the same way, after the stages before it
             if shape is None:
                 continue  # built for placeholder classes/channels: only the name was being checked
-            why = (str(exc).strip().splitlines() or [""])[0][:200]
             message = f"'{name}' cannot be built for {channels}-channel images of {classes} classes"
-            raise ConfigError(key, f"{message}: {type(exc).__name__}: {why}", cfg.source) from None
+            raise ConfigError(key, f"{message}: {describe(exc, limit=200)}", cfg.source) from None
     if shape is None or torchscript:
         return  # the feature map's shape depends on data only the stages read
     example = torch.zeros(2, shape.channels, shape.height, shape.width)
@@ -276,11 +275,10 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
                     raise ConfigError(key, msg, cfg.source) from None
                 raise ConfigError("distill.method", f"{method}: {exc}", cfg.source) from None
             except Exception as exc:  # e.g. a student whose feature map cannot be paired with the teacher's
-                why = (str(exc).strip().splitlines() or [""])[0]
                 raise ConfigError(
                     "distill.student",
                     f"{method} cannot pair '{distill.student}' with teacher '{conf.teacher.arch}': "
-                    f"{type(exc).__name__}: {why}",
+                    f"{describe(exc, limit=None)}",
                     cfg.source,
                 ) from None
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from kdpipe.cache import Cache, cache_key, key_payload, library_versions
 from kdpipe.config import LoadedConfig, load_config
-from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError
+from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError, describe
 from kdpipe.fileio import FileDigests, atomic_write_json, clear_folder
 from kdpipe.lock import CacheLock
 from kdpipe.ml.sources import dataset_fingerprint
@@ -266,8 +266,7 @@ def _run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
     except KdpipeError:
         raise
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise StageError(name, f"{type(exc).__name__}: {first_line}") from exc
+        raise StageError(name, describe(exc, limit=None)) from exc
 
 
 def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:

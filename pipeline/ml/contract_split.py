@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kdpipe.errors import UsageError
+from kdpipe.errors import UsageError, first_line
 
 MAP, PRE_LOGITS = "map", "pre_logits"
 
@@ -122,8 +122,8 @@ def contract_split(model: nn.Module, example: torch.Tensor, what: str) -> tuple[
             features = model.forward_features(example)
             logits = model(example)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise UsageError(f"{what}: forward_features fails on {tuple(example.shape[1:])} inputs: {first}") from None
+            shape = tuple(example.shape[1:])
+            raise UsageError(f"{what}: forward_features fails on {shape} inputs: {first_line(exc)}") from None
     mode = contract_mode(model, features)
     if mode == PRE_LOGITS and not callable(getattr(model, "get_classifier", None)):
         raise UsageError(

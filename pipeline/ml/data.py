@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdpipe.config import Augment, LoadedConfig
-from kdpipe.errors import UsageError
+from kdpipe.errors import UsageError, describe
 from kdpipe.ml import sources
 
 FASHION_CLASSES = [
@@ -121,8 +121,7 @@ def _cifar(cfg: LoadedConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.nda
     try:
         train, test = cls(str(folder.parent), train=True), cls(str(folder.parent), train=False)
     except Exception as exc:  # torchvision checks md5s (RuntimeError) and unpickles (many error types)
-        why = (str(exc).strip().splitlines() or [""])[0]
-        raise UsageError(f"{folder}: damaged {cfg.config.data.dataset} files ({type(exc).__name__}: {why})") from None
+        raise UsageError(f"{folder}: damaged {cfg.config.data.dataset} files ({describe(exc)})") from None
     to_chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
     return list(train.classes), to_chw(train.data), np.array(train.targets), to_chw(test.data), np.array(test.targets)
 

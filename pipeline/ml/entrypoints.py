@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from kdpipe.errors import UsageError
+from kdpipe.errors import UsageError, describe
 
 if TYPE_CHECKING:
     from torch import nn
@@ -120,8 +120,7 @@ def load_callable(ep: EntryPoint) -> Callable[..., Any]:
     except UsageError:
         raise
     except BaseException as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise UsageError(f"entry point '{ep}': importing {path.name} raised {type(exc).__name__}: {first}") from None
+        raise UsageError(f"entry point '{ep}': importing {path.name} raised {describe(exc)}") from None
     fn = getattr(module, ep.function, None)
     if not callable(fn):
         known = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:12]
@@ -152,8 +151,7 @@ def build_from_entrypoint(
     try:
         model = fn(**call)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise UsageError(f"entry point '{ep}' raised {type(exc).__name__}: {first}") from None
+        raise UsageError(f"entry point '{ep}' raised {describe(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"entry point '{ep}' returned a {type(model).__name__}, not a torch.nn.Module")
     return model

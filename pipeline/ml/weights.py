@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, first_line
 
 SAFETENSORS_SUFFIX = ".safetensors"
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module", "state_dict_ema", "model_ema")
@@ -44,8 +44,7 @@ def is_safetensors(path: Path) -> bool:
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
+    return first_line(exc, limit) or type(exc).__name__[:limit]
 
 
 def _read_safetensors(path: Path, key: str, source: str | None) -> dict[str, torch.Tensor]:
