@@ -188,6 +188,14 @@ class TrainConfig(Section):
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs at which lr is multiplied.")
     gamma: float = Field(0.1, gt=0, description="step schedule: the factor applied at each milestone.")
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs (cosine and step schedules).")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="onecycle: fraction of the steps spent rising to `lr`.")
+    div_factor: float = Field(10.0, ge=1, description="onecycle: the first step's learning rate is lr / div_factor.")
+    cycle_momentum: bool = Field(
+        False,
+        description="onecycle: cycle SGD momentum (Adam's beta1) inversely to the learning rate, from `momentum` down "
+        "to `base_momentum` at the peak and back (PyTorch's OneCycleLR).",
+    )
+    base_momentum: float = Field(0.85, ge=0, lt=1, description="onecycle with cycle_momentum: momentum at the peak.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy with the labels.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, shuffling and augmentation.")
 
@@ -197,6 +205,8 @@ class TrainConfig(Section):
             raise ValueError("warmup_epochs must be < epochs")
         if any(m <= 0 for m in self.milestones):
             raise ValueError("milestones must be > 0")
+        if self.cycle_momentum and self.base_momentum > self.momentum:
+            raise ValueError("base_momentum must be <= momentum (cycle_momentum goes from momentum down to it)")
         return self
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from kdpipe.config import Augment, TrainConfig
 from kdpipe.diskspace import writing
+from kdpipe.errors import describe
 from kdpipe.fileio import atomic_path, atomic_write_text, sha256_file
 from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
 
@@ -54,14 +55,29 @@ def lr_factor(conf: TrainConfig, steps: int) -> Callable[[int], float]:
         if conf.schedule == "step":
             epoch = step // steps
             return conf.gamma ** sum(epoch >= m for m in conf.milestones)
-        if conf.schedule == "onecycle":
-            peak = max(1, int(0.3 * total))
-            if step < peak:
-                return 0.1 + 0.9 * step / peak
-            return 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
         return 1.0
 
     return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, conf: TrainConfig, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-step scheduler of ``conf.schedule``. onecycle is PyTorch's OneCycleLR (cosine up from
+    lr / div_factor over pct_start of the steps, cosine down to ~0, optionally cycling momentum) peaking at the
+    optimiser's lr as set (already scaled by the world size); the others are :func:`lr_factor` multipliers."""
+    if conf.schedule != "onecycle":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(conf, steps))
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[group["lr"] for group in optimizer.param_groups],
+        total_steps=max(2, conf.epochs * steps),
+        pct_start=conf.pct_start,
+        div_factor=conf.div_factor,
+        cycle_momentum=conf.cycle_momentum,
+        base_momentum=conf.base_momentum,
+        max_momentum=conf.momentum,
+    )
 
 
 @torch.no_grad()
@@ -222,7 +238,7 @@ class _Loop:
         self.optimizer = make_optimizer(job.trainable.parameters(), conf)
         for group in self.optimizer.param_groups:
             group["lr"] *= self.size
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(conf, self.steps))
+        self.scheduler = make_scheduler(self.optimizer, conf, self.steps)
         self.scaler = torch.amp.GradScaler(job.device.type, enabled=job.amp and job.device.type == "cuda")
         self.amp_dtype = torch.float16 if job.device.type == "cuda" else torch.bfloat16
         self.fmt = torch.channels_last if job.channels_last else torch.contiguous_format
@@ -281,8 +297,7 @@ class _Loop:
                     self.scaler.load_state_dict(saved["scaler"])
                 torch.set_rng_state(saved["rng"])
             except Exception as exc:  # torch.load and load_state_dict raise many types; each means "unusable"
-                why = (str(exc).strip().splitlines() or [""])[0][:160]
-                log.warning("%s: discarding unreadable checkpoint %s (%s: %s)", job.desc, path, type(exc).__name__, why)
+                log.warning("%s: discarding unreadable checkpoint %s (%s)", job.desc, path, describe(exc))
                 self._restore(fresh)
                 if self.rank == 0:
                     path.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import torch
 
 from kdpipe.config import TrainConfig, load_config
 from kdpipe.ml.data import load_dataset, make_splits
-from kdpipe.ml.training import CHECKPOINT, fit
+from kdpipe.ml.training import CHECKPOINT, fit, make_optimizer, make_scheduler
 from kdpipe.ml.zoo import create_model
 
 
@@ -17,7 +17,7 @@ class Killed(Exception):
     pass
 
 
-def _fit(splits, cfg, work_dir, kill_at_step=None):
+def _fit(splits, cfg, work_dir, kill_at_step=None, **train):
     torch.manual_seed(0)
     model = create_model("tiny_cnn", num_classes=4, in_channels=1)
     calls = {"n": 0}
@@ -28,7 +28,7 @@ def _fit(splits, cfg, work_dir, kill_at_step=None):
             raise Killed
         return torch.nn.functional.cross_entropy(model(batch.x), batch.y)
 
-    conf = TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=3)
+    conf = TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=3, **train)
     result = fit(
         model=model, trainable=model, loss_fn=loss_fn, splits=splits, conf=conf,
         augment=cfg.config.data.augment, work_dir=work_dir, device=torch.device("cpu"), desc="t", progress=False,
@@ -37,22 +37,57 @@ def _fit(splits, cfg, work_dir, kill_at_step=None):
     return model, result, calls["n"]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(write_config, tmp_path):
+@pytest.mark.parametrize("train", [{}, {"schedule": "onecycle", "cycle_momentum": True}], ids=["cosine", "onecycle"])
+def test_resume_after_kill_matches_uninterrupted_run(write_config, tmp_path, train):
     cfg = load_config(write_config())
     data = load_dataset(cfg)
     splits = make_splits(cfg, data)
-    straight, res_a, _ = _fit(splits, cfg, tmp_path / "a")
+    straight, res_a, _ = _fit(splits, cfg, tmp_path / "a", **train)
 
     work = tmp_path / "b"
     with pytest.raises(Killed):
-        _fit(splits, cfg, work, kill_at_step=8)  # mid second epoch (173 images: 6 steps an epoch)
+        _fit(splits, cfg, work, kill_at_step=8, **train)  # mid second epoch (173 images: 6 steps an epoch)
     assert (work / CHECKPOINT).is_file()
-    resumed, res_b, steps = _fit(splits, cfg, work)
+    resumed, res_b, steps = _fit(splits, cfg, work, **train)
     assert steps == 12  # epochs 2 and 3 only
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
     assert res_a["best_epoch"] == res_b["best_epoch"]
     assert [h["val_top1"] for h in res_a["history"]] == [h["val_top1"] for h in res_b["history"]]
+
+
+def test_onecycle_is_pytorchs_one_cycle_with_momentum_cycling():
+    """lr rises from lr / div_factor to lr at pct_start of the steps and falls to ~0; with cycle_momentum the
+    momentum goes the other way, from `momentum` down to `base_momentum` at the peak and back."""
+    conf = TrainConfig(epochs=2, lr=0.1, momentum=0.95, schedule="onecycle", pct_start=0.25, div_factor=20,
+                       cycle_momentum=True, base_momentum=0.8)  # fmt: skip
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], conf)
+    sched = make_scheduler(opt, conf, steps=50)
+    lrs, moms = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 20) and moms[0] == pytest.approx(0.95)
+    peak = max(range(100), key=lrs.__getitem__)
+    assert peak == pytest.approx(25, abs=1) and lrs[peak] == pytest.approx(0.1, rel=1e-3)
+    assert moms[peak] == pytest.approx(0.8, abs=1e-3) and min(moms) == moms[peak]
+    assert lrs[-1] < 1e-3 and moms[-1] > 0.94
+    assert lrs[: peak + 1] == sorted(lrs[: peak + 1])
+
+    fixed = TrainConfig(epochs=2, lr=0.1, schedule="onecycle")
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], fixed)
+    sched = make_scheduler(opt, fixed, steps=50)
+    for _ in range(60):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["momentum"] == 0.9  # no cycling unless asked
+
+
+def test_cycle_momentum_needs_base_below_momentum():
+    with pytest.raises(ValueError, match="base_momentum"):
+        TrainConfig(schedule="onecycle", cycle_momentum=True, momentum=0.8, base_momentum=0.9)
 
 
 def test_keep_start_returns_the_start_when_training_only_hurts(write_config, tmp_path):
