@@ -280,6 +280,7 @@ class Int8Fallback(Variant):
 
     name = "int8_fallback"
     calibrated = True
+    quantized = "int8"
 
     def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
         import tempfile

@@ -265,6 +265,9 @@ class Variant(abc.ABC):
     #: which fp32 model it is made from: "student" (the exported student) or "qad" (the student fine-tuned by
     #: quantisation-aware distillation, which the export stage trains first)
     source: ClassVar[str] = "student"
+    #: the integer type its weights are stored in ("int8"), None for a float model; report.json's
+    #: ``models.<variant>.quantization`` is written for quantised variants only
+    quantized: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
@@ -295,6 +298,7 @@ class Fp16(Variant):
 @VARIANTS.register()
 class Int8Dynamic(Variant):
     name = "int8_dynamic"
+    quantized = "int8"
 
     def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
         make_int8_dynamic(src, dst, per_channel=inputs.per_channel)
@@ -305,6 +309,7 @@ class Int8Dynamic(Variant):
 class Int8Static(Variant):
     name = "int8_static"
     calibrated = True
+    quantized = "int8"
 
     def build(self, src: Path, dst: Path, inputs: VariantInputs) -> dict:
         if inputs.calibration is None:

@@ -20,12 +20,15 @@ SAMPLES = "samples.npz"
 
 
 def quantization_block(variant: str, info: dict[str, Any], path: Any) -> dict[str, Any]:
-    """report.json's ``quantization`` of a variant: int8 variants only (fp16 and graph optimisation quantise
+    """report.json's ``quantization`` of a variant: quantised variants only (fp16 and graph optimisation quantise
     nothing), naming the final file and its size (after the metadata stamp), never the path it was built at."""
-    if "int8" not in variant:
+    from kdpipe.exporters.variants import VARIANTS
+
+    dtype = VARIANTS.get(variant).quantized
+    if dtype is None:
         return {}
     extra = {k: v for k, v in info.items() if k not in ("variant", "file", "bytes")}
-    return {"quantization": {"dtype": "int8", **extra, "file": path.name, "bytes": path.stat().st_size}}
+    return {"quantization": {"dtype": dtype, **extra, "file": path.name, "bytes": path.stat().st_size}}
 
 
 @STAGES.register()

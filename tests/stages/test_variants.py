@@ -119,6 +119,9 @@ def test_variant_is_single_runnable_file(name: str, variants: dict) -> None:
         assert logits.shape == (batch, CLASSES)
         assert logits.dtype == np.float32
     assert variants[name]["info"]["variant"] == name
+    # the class's declared storage type (report.json's quantization.dtype) is what the file holds
+    types = {init.data_type for init in onnx.load(str(path)).graph.initializer}
+    assert (onnx.TensorProto.INT8 in types) == (VARIANTS.get(name).quantized == "int8")
 
 
 def test_accuracy_against_fp32(fp32: dict, variants: dict) -> None:
