@@ -570,6 +570,9 @@ class LoadedConfig:
         self.config = config
         self.path = path
         self.base = path.parent if path else Path.cwd()
+        #: what is derived once per loaded config from the files it names (the image file listing), so the
+        #: fingerprint, the streaming decision and the loading of one run see the same files, walked once
+        self.memo: dict[str, Any] = {}
 
     @property
     def source(self) -> str:

@@ -106,8 +106,12 @@ def locate_cifar(cfg: LoadedConfig) -> Path:
 
 
 def listing(cfg: LoadedConfig) -> filelists.Listing:
-    """The file lists of an image dataset (imagefolder or filelist)."""
-    return filelists.filelist(cfg) if cfg.config.data.dataset == "filelist" else filelists.imagefolder(cfg)
+    """The file lists of an image dataset (imagefolder or filelist), walked once per loaded config: the
+    fingerprint, the streaming decision, the image-size checks and the loading all use the same listing."""
+    if "listing" not in cfg.memo:
+        lister = filelists.filelist if cfg.config.data.dataset == "filelist" else filelists.imagefolder
+        cfg.memo["listing"] = lister(cfg)
+    return cfg.memo["listing"]
 
 
 def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:

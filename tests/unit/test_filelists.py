@@ -87,3 +87,22 @@ def test_preflight_knows_an_image_folders_shape_without_decoding_it(tmp_path):
     s = data_shape(config({"dataset": "imagefolder", "root": str(root), "channels": 1}))
     assert (s.channels, s.height, s.width, s.classes, s.train_images) == (1, 8, 8, 3, 12)
     assert data_shape(config({"dataset": "imagefolder", "root": str(root), "image_size": 5})).height == 5
+
+
+def test_one_run_walks_the_image_tree_once(tmp_path, monkeypatch):
+    """The fingerprint, the size checks, the streaming decision and the loading share one listing per loaded
+    config (a 300k-image tree walked four times costs minutes); a config loaded again walks it again."""
+    from kdpipe.ml import imagedata
+
+    root = make_imagefolder(tmp_path / "p", train=12, test=4, size=8)
+    walks = []
+    real = filelists.imagefolder
+    monkeypatch.setattr(filelists, "imagefolder", lambda cfg: walks.append(1) or real(cfg))
+    cfg = config({"dataset": "imagefolder", "root": str(root), "in_memory": True})
+    fp = sources.dataset_fingerprint(cfg, FileDigests(tmp_path / "fp.json"))
+    assert imagedata.image_shape(cfg)[:3] == (3, 8, 8)
+    assert not imagedata.will_stream(cfg)
+    data, _ = imagedata.open_data(cfg)
+    assert len(data.test_x) == 4 * len(data.classes) and len(walks) == 1
+    again = config({"dataset": "imagefolder", "root": str(root), "in_memory": True})
+    assert sources.dataset_fingerprint(again, FileDigests(tmp_path / "fp.json")) == fp and len(walks) == 2

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from kdpipe.errors import UsageError
+from kdpipe.errors import UsageError, first_line
 from kdpipe.ml.zoo.base import register_adapter
 from kdpipe.registry import UnknownNameError
 
@@ -70,5 +70,5 @@ def timm_model(
     try:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
     except (TypeError, ValueError, AssertionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200) or type(exc).__name__
         raise UsageError(f"timm:{arch} cannot be built with {kw or 'its defaults'}: {first}") from None
