@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdpipe.reporting.gates import PARITY, measure
+from kdpipe.reporting.gates import PARITY, evaluate
 from kdpipe.reporting.macs import format_macs
 
 DISAGREEMENT = 0.99  # a variant agreeing with its fp32 student on fewer top-1 labels than this is flagged
@@ -69,8 +69,9 @@ def failed_gates(report: dict[str, Any]) -> list[str]:
 
 
 def _gates_of(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """The student's threshold gates re-judged for ``name`` (as the recommendation did), with measured values."""
+    """The student's threshold gates judged for ``name`` (as the recommendation did), with measured values."""
     from kdpipe.config import GateConfig
+    from kdpipe.errors import UsageError
 
     out = []
     for g in report.get("gates") or []:
@@ -78,12 +79,12 @@ def _gates_of(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
             continue
         try:
             bound = {"min" if g["op"] == ">=" else "max": g["threshold"]}
-            conf = GateConfig(metric=g["metric"], model=name, batch_size=g.get("batch_size"), **bound)
-            value = measure(report, conf)
-        except Exception:  # a baseline comparison, or a figure the variant lacks: not one of its gates
+            gate = GateConfig(metric=g["metric"], model=name, batch_size=g.get("batch_size"), **bound)
+            (verdict,) = evaluate(report, [gate])
+        except (UsageError, ValueError, KeyError, TypeError):  # a baseline comparison, a figure it lacks
             continue
-        ok = value >= g["threshold"] if g["op"] == ">=" else value <= g["threshold"]
-        out.append({"name": g["name"].replace("student", name, 1), "measured": value, "passed": ok, **bound})
+        out.append({"name": g["name"].replace("student", name, 1), "measured": verdict["measured"],
+                    "passed": verdict["passed"], **bound})  # fmt: skip
     return out
 
 
