@@ -16,7 +16,7 @@ Only validation images come in here; the caller re-validates the chosen model on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Prepared:
     method: str
     per_channel: bool
     calibration_samples: int
+    #: each analysed node's analysed neighbours: the nodes it shares a tensor with, looking through the ops in
+    #: between that only pass scales on (Clip/Relu, reshapes, pooling…)
+    neighbours: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _name_nodes(path: Path) -> None:
@@ -91,7 +94,37 @@ def prepare(
     graph = onnx.load(str(model), load_external_data=False).graph
     nodes = [n for n in graph.node if n.op_type in ANALYSED_OPS]
     return Prepared(model, cache, [n.name for n in nodes], {n.name: n.op_type for n in nodes}, method,
-                    per_channel, len(data))  # fmt: skip
+                    per_channel, len(data), _neighbours(graph))  # fmt: skip
+
+
+def _neighbours(graph: Any) -> dict[str, list[str]]:
+    """For each analysed node, the analysed nodes it shares a tensor with, through pass-through ops.
+
+    ORT quantises a tensor when a quantised node produces or consumes it, so a bad activation range between two
+    analysed nodes is only removed when both are in fp32: these are the pairs the fallback tries together."""
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    def reach(node: Any, forward: bool, seen: set[str]) -> set[str]:
+        found: set[str] = set()
+        tensors = node.output if forward else node.input
+        nexts = (
+            [c for t in tensors for c in consumers.get(t, [])]
+            if forward
+            else [producer[t] for t in tensors if t in producer]
+        )
+        for other in nexts:
+            if other.name in seen:
+                continue
+            seen.add(other.name)
+            found |= {other.name} if other.op_type in ANALYSED_OPS else reach(other, forward, seen)
+        return found
+
+    return {n.name: sorted(reach(n, True, {n.name}) | reach(n, False, {n.name}))
+            for n in graph.node if n.op_type in ANALYSED_OPS}  # fmt: skip
 
 
 def quantize(prep: Prepared, dst: Path, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> Path:
@@ -173,19 +206,20 @@ def fallback_search(
     log: Callable[[str], None] = lambda _: None,
     pool: int | None = None,
 ) -> dict[str, Any]:
-    """Leave nodes in fp32 one more at a time, greedily, until val top-1 >= fp32 top-1 - ``budget``.
+    """Leave nodes in fp32 a few more at a time, greedily, until val top-1 >= fp32 top-1 - ``budget``.
 
-    Step 0 is plain int8. Each further step tries every not yet excluded node of the first ``pool`` of ``ranking``
-    (all of it when None) on top of the previous step's exclusions and keeps the one that gives the best val
-    top-1 (then the best output SQNR, then the better sensitivity rank). Greedy, not in rank order: the damage
-    is often shared by neighbours (a bad activation range only goes once both of its ends are fp32), so the node
-    that helps most depends on what is already excluded. The search stops at the first step within budget, or
-    after ``max_nodes`` exclusions; then the step with the best val top-1 is chosen (the fewest exclusions among
-    equals) and ``within_budget`` is False.
+    Step 0 is plain int8. Each further step tries, on top of the previous step's exclusions, every not yet
+    excluded node of the first ``pool`` of ``ranking`` (all of it when None) alone and as a block with its
+    analysed neighbours (``Prepared.neighbours``), and keeps the one that gives the best val top-1 (then fewer
+    nodes, then the best output SQNR, then the better sensitivity rank). Greedy, not in rank order, and by block:
+    the damage is often in a tensor two nodes share (a bad activation range only goes once both of its ends are
+    fp32; alone, neither gives anything back), so what helps most depends on what is already excluded. The search
+    stops at the first step within budget, or once ``max_nodes`` nodes are excluded; then the step with the best
+    val top-1 is chosen (the fewest exclusions among equals) and ``within_budget`` is False.
 
     Returns:
-        ``{"budget", "fp32_top1", "steps": [{"step", "excluded", "val_top1", "sqnr_db", "tried", **latency}],
-        "chosen", "within_budget", "model"}`` where ``model`` is the chosen step's file in ``folder``.
+        ``{"budget", "fp32_top1", "steps": [{"step", "excluded", "added", "val_top1", "sqnr_db", "tried",
+        **latency}], "chosen", "within_budget", "model"}`` where ``model`` is the chosen step's file in ``folder``.
     """
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
@@ -197,34 +231,57 @@ def fallback_search(
     candidates = list(ranking[:pool] if pool is not None else ranking)
     excluded: list[str] = []
     steps: list[dict[str, Any]] = []
-    for k in range(min(max_nodes, len(candidates)) + 1):
+    k = 0
+    while True:
         path = folder / f"fallback-{k}.onnx"
+        added: list[str] = []
         if k == 0:
             score, tried = _score(quantize(prep, path), images, labels, reference), 0
         else:
             best: tuple | None = None
-            remaining = [c for c in candidates if c not in excluded]
-            for i, node in enumerate(remaining):
-                trial = quantize(prep, folder / "trial.onnx", exclude=[*excluded, node])
+            groups = _groups([c for c in candidates if c not in excluded], prep.neighbours, excluded, max_nodes)
+            for i, group in enumerate(groups):
+                trial = quantize(prep, folder / "trial.onnx", exclude=[*excluded, *group])
                 got = _score(trial, images, labels, reference)
-                order = (got["top1"], got["sqnr_db"], -i)
+                order = (got["top1"], -len(group), got["sqnr_db"], -i)
                 if best is None or order > best[0]:
-                    best = (order, node, got)
+                    best = (order, group, got)
                     trial.replace(path)
             assert best is not None
-            _, node, score = best
-            excluded.append(node)
-            tried = len(remaining)
-        step = {"step": k, "excluded": list(excluded), "val_top1": score["top1"], "sqnr_db": score["sqnr_db"],
-                "tried": tried, **(latency(path) if latency else {})}  # fmt: skip
+            _, added, score = best
+            excluded.extend(added)
+            tried = len(groups)
+        step = {"step": k, "excluded": list(excluded), "added": list(added), "val_top1": score["top1"],
+                "sqnr_db": score["sqnr_db"], "tried": tried, **(latency(path) if latency else {})}  # fmt: skip
         steps.append(step)
         log(f"int8_fallback step {k}: {len(excluded)} node(s) in fp32, val top-1 {score['top1']:.4f}")
-        if score["top1"] >= fp32_top1 - budget:
+        k += 1
+        if score["top1"] >= fp32_top1 - budget or not _groups(
+            [c for c in candidates if c not in excluded], prep.neighbours, excluded, max_nodes
+        ):
             break
     within = steps[-1]["val_top1"] >= fp32_top1 - budget
     chosen = steps[-1]["step"] if within else max(steps, key=lambda s: (s["val_top1"], -s["step"]))["step"]
     return {"budget": budget, "fp32_top1": fp32_top1, "steps": steps, "chosen": chosen, "within_budget": within,
             "model": str(folder / f"fallback-{chosen}.onnx")}  # fmt: skip
+
+
+def _groups(
+    remaining: Sequence[str], neighbours: dict[str, list[str]], excluded: Sequence[str], max_nodes: int
+) -> list[list[str]]:
+    """What one fallback step may add: each remaining node alone, then as a block with its neighbours that are not
+    yet excluded (when that is a different set), keeping within ``max_nodes`` exclusions in all."""
+    room = max_nodes - len(excluded)
+    seen: set[tuple[str, ...]] = set()
+    out: list[list[str]] = []
+    for node in remaining:
+        block = [node, *[n for n in neighbours.get(node, []) if n not in excluded and n != node]]
+        for group in ([node], block):
+            key = tuple(sorted(group))
+            if len(group) <= room and key not in seen:
+                seen.add(key)
+                out.append(group)
+    return out
 
 
 def step_latency(input_shape: Sequence[int], threads: int = 1) -> Callable[[Path], dict[str, float]]:

@@ -36,7 +36,8 @@ class ExportStage(Stage):
     name = "export"
     # 3: samples.npz's expected logits computed as the edge runner computes them
     # 4: greedy int8_fallback; QAD keeps its start, replays distillation's views, settles dead channels
-    version = 4
+    # 5: int8_fallback also tries each node as a block with its neighbours
+    version = 5
     needs = ("teacher", "distill")
     after = ("validate",)  # accuracy is known before the export work starts
     uses_data = True

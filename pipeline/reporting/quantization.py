@@ -56,7 +56,7 @@ def fallback_rows(search: dict[str, Any]) -> list[list[str]]:
     rows = []
     for s in search["steps"]:
         mark = " ✔" if s["step"] == search["chosen"] else ""
-        added = s["excluded"][-1] if s["excluded"] else "(plain int8)"
+        added = " + ".join(s.get("added") or s["excluded"][-1:]) or "(plain int8)"
         rows.append([f"{s['step']}{mark}", added, pct(s["val_top1"]), pp(s["val_top1"] - search["fp32_top1"]),
                      _db(s["sqnr_db"]), _ms(s)])  # fmt: skip
     return rows

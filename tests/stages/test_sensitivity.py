@@ -110,11 +110,72 @@ def test_fallback_is_greedy_not_rank_order(prepared, tmp_path: Path) -> None:
     prep, val, labels, _ = prepared
     result = fallback_search(prep, ["gemm", "gap", "conv_b", "conv_a"], val, labels, 0.05, tmp_path, max_nodes=4)
     steps = result["steps"]
-    assert [s["excluded"] for s in steps] == [[], ["conv_a"]] and steps[1]["tried"] == 4
-    assert result["within_budget"] and result["chosen"] == 1
+    assert [s["excluded"] for s in steps] == [[], ["conv_a"]] and steps[1]["added"] == ["conv_a"]
+    # each node alone and as a block with its neighbours: 4 singles, 4 blocks (gemm+gap, gap+conv_b+gemm, ...)
+    assert prep.neighbours == {"conv_a": ["conv_b"], "conv_b": ["conv_a", "gap"], "gap": ["conv_b", "gemm"],
+                               "gemm": ["gap"]}  # fmt: skip
+    assert steps[1]["tried"] == 8
+    assert result["within_budget"] and result["chosen"] == 1  # conv_a alone: fewer nodes beat a block that ties
     limited = fallback_search(prep, ["gemm", "gap", "conv_b", "conv_a"], val, labels, 0.05, tmp_path / "pool",
                               max_nodes=2, pool=2)  # fmt: skip
-    assert "conv_a" not in limited["steps"][-1]["excluded"] and limited["steps"][1]["tried"] == 2
+    # pool 2: gemm, gemm+gap, gap (gap+conv_b+gemm is over max_nodes)
+    assert "conv_a" not in limited["steps"][-1]["excluded"] and limited["steps"][1]["tried"] == 3
+
+
+def pair_model(path: Path) -> Path:
+    """x(2 ch) → conv_a → Relu → conv_b → Relu → GAP → Flatten → gemm, where the fragile tensor is the one
+    conv_a and conv_b share: conv_a makes channel 0 SCALE times channel 1, conv_b reads channel 0 with weights
+    1/SCALE. Quantised at either end, one range erases channel 1 (and conv_b's per-channel weight scale, set by
+    channel 1's weights, rounds channel 0's to 0). Neither node alone in fp32 helps; both together do."""
+    rng = np.random.default_rng(1)
+    wa = np.zeros((2, 2, 1, 1), np.float32)
+    wa[0, 0], wa[1, 1] = SCALE, 1.0
+    wb = rng.standard_normal((6, 2, 1, 1)).astype(np.float32)
+    wb[:, 0] /= SCALE
+    inits = [
+        numpy_helper.from_array(wa, "wa"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "ba"),
+        numpy_helper.from_array(wb, "wb"),
+        numpy_helper.from_array(np.zeros(6, np.float32), "bb"),
+        numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "wg"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "bg"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a"),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+        helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="conv_b"),
+        helper.make_node("GlobalAveragePool", ["b"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["logits"], name="gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fallback_finds_a_pair_neither_of_which_helps_alone(tmp_path: Path) -> None:
+    src = pair_model(tmp_path / "fp32.onnx")
+    rng = np.random.default_rng(3)
+    prep = prepare(src, rng.standard_normal((64, 2, 4, 4)).astype(np.float32), tmp_path / "prep")
+    val = rng.standard_normal((300, 2, 4, 4)).astype(np.float32)
+    labels = evaluate_onnx(src, val).argmax(1)
+    alone = {node: float(np.mean(evaluate_onnx(quantize(prep, tmp_path / f"{node}.onnx", exclude=[node]), val)
+                                 .argmax(1) == labels)) for node in ("conv_a", "conv_b")}  # fmt: skip
+    both = evaluate_onnx(quantize(prep, tmp_path / "both.onnx", exclude=["conv_a", "conv_b"]), val).argmax(1)
+    assert max(alone.values()) < 0.9 and np.mean(both == labels) > 0.97  # the premise: only the pair helps
+    result = fallback_search(prep, ["conv_a", "conv_b", "gap", "gemm"], val, labels, 0.03, tmp_path / "fb",
+                             max_nodes=4)  # fmt: skip
+    assert result["within_budget"] and len(result["steps"]) == 2
+    assert sorted(result["steps"][1]["added"]) == ["conv_a", "conv_b"]
 
 
 def test_no_budget_met_picks_the_best_step(prepared, tmp_path: Path) -> None:
