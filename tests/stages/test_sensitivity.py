@@ -15,6 +15,22 @@ from kdpipe.exporters.variants import evaluate_onnx
 SCALE = 1000.0  # input channel 0 spans ±SCALE, channel 1 ±1: one uint8 range for both erases channel 1
 
 
+def _save(nodes: list, inits: list, size: int, path: Path) -> Path:
+    """A checked opset-17 model of ``nodes``: input x (N, 2, size, size), output logits (N, 4)."""
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def fragile_model(path: Path) -> Path:
     """x(2 ch) → conv_a → Relu → conv_b → Relu → GAP → Flatten → gemm. conv_a reads channel 0 with weights
     1/SCALE, so both channels matter equally, but quantising conv_a's input (the graph input) with one
@@ -39,18 +55,7 @@ def fragile_model(path: Path) -> Path:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wg", "bg"], ["logits"], name="gemm", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "fragile",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return _save(nodes, inits, 8, path)
 
 
 def images(n: int, seed: int) -> np.ndarray:
@@ -148,18 +153,7 @@ def pair_model(path: Path) -> Path:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wg", "bg"], ["logits"], name="gemm", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "pair",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return _save(nodes, inits, 4, path)
 
 
 def test_fallback_finds_a_pair_neither_of_which_helps_alone(tmp_path: Path) -> None:
