@@ -397,8 +397,9 @@ class QuantizationConfig(Section):
         0.005,
         ge=0,
         lt=1,
-        description="int8_fallback: largest val top-1 loss against fp32; nodes stay in fp32 one more at a time "
-        "(greedily, the one that gives the most back) until the int8 model is within it.",
+        description="int8_fallback: largest val top-1 loss against fp32; nodes stay in fp32 a step at a time "
+        "(greedily, the node or block of neighbouring nodes that gives the most back) until the int8 model is "
+        "within it.",
     )
     sensitivity_samples: int = Field(
         2000, gt=0, description="int8_fallback: validation images (never test) the per-node sensitivity is measured on."

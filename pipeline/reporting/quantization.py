@@ -65,7 +65,7 @@ def fallback_rows(search: dict[str, Any]) -> list[list[str]]:
 SUMMARY_HEAD = ["model", "computes in", "test top-1", "Δ vs fp32", "p50 / p90 ms (b=1)"]
 SENS_HEAD = ["rank", "node", "op", "SQNR alone int8 (dB)", "val top-1 alone int8", "val top-1 alone fp32",
              "SQNR alone fp32 (dB)"]  # fmt: skip
-FALLBACK_HEAD = ["step", "node added to fp32", "val top-1", "Δ vs fp32", "SQNR (dB)", "p50 / p90 ms (b=1)"]
+FALLBACK_HEAD = ["step", "nodes added to fp32", "val top-1", "Δ vs fp32", "SQNR (dB)", "p50 / p90 ms (b=1)"]
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -84,8 +84,8 @@ def render_markdown(report: dict[str, Any]) -> list[str]:
                   "", *_md_table(SENS_HEAD, sensitivity_rows(table))]  # fmt: skip
     for name, search in _quantized(report, "fallback"):
         state = "within" if search["within_budget"] else "NOT within"
-        lines += ["", f"{name}: nodes left in fp32 one more at a time (greedy), budget {pp(-search['budget'])} "
-                  "of val top-1; "
+        lines += ["", f"{name}: nodes left in fp32 a step at a time (greedy, alone or as a block with their "
+                  f"neighbours), budget {pp(-search['budget'])} of val top-1; "
                   f"step {search['chosen']} chosen ({state} budget):", "", *_md_table(FALLBACK_HEAD,
                   fallback_rows(search))]  # fmt: skip
     for name, qad in _quantized(report, "qad"):
