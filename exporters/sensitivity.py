@@ -6,15 +6,16 @@ cache is reused) with ``nodes_to_quantize`` / ``nodes_to_exclude``:
 
 * :func:`analyse` — for every quantisable node, val top-1 and output SQNR (ORT's ``qdq_loss_debug`` formula) with
   only that node quantised, and with only that node left in fp32; ranked, most sensitive first.
-* :func:`fallback_search` — leave nodes in fp32 one more at a time, greedily (each step keeps the candidate that
-  gives the most val top-1 back given the nodes already excluded), until val top-1 is within ``budget`` of fp32,
-  timing each step (batch 1), so the report can show the accuracy/latency trade-off.
+* :func:`fallback_search` — leave nodes in fp32 a step at a time, greedily (each step keeps the node, or block of
+  neighbouring nodes, that gives the most val top-1 back given the nodes already excluded), until val top-1 is
+  within ``budget`` of fp32, timing each step (batch 1), so the report can show the accuracy/latency trade-off.
 
 Only validation images come in here; the caller re-validates the chosen model on test. numpy/onnx/onnxruntime only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,15 +232,14 @@ def fallback_search(
     candidates = list(ranking[:pool] if pool is not None else ranking)
     excluded: list[str] = []
     steps: list[dict[str, Any]] = []
-    k = 0
-    while True:
+    groups: list[list[str]] = []  # what the next step may add
+    for k in itertools.count():
         path = folder / f"fallback-{k}.onnx"
         added: list[str] = []
         if k == 0:
-            score, tried = _score(quantize(prep, path), images, labels, reference), 0
+            score = _score(quantize(prep, path), images, labels, reference)
         else:
             best: tuple | None = None
-            groups = _groups([c for c in candidates if c not in excluded], prep.neighbours, excluded, max_nodes)
             for i, group in enumerate(groups):
                 trial = quantize(prep, folder / "trial.onnx", exclude=[*excluded, *group])
                 got = _score(trial, images, labels, reference)
@@ -250,15 +250,12 @@ def fallback_search(
             assert best is not None
             _, added, score = best
             excluded.extend(added)
-            tried = len(groups)
         step = {"step": k, "excluded": list(excluded), "added": list(added), "val_top1": score["top1"],
-                "sqnr_db": score["sqnr_db"], "tried": tried, **(latency(path) if latency else {})}  # fmt: skip
+                "sqnr_db": score["sqnr_db"], "tried": len(groups), **(latency(path) if latency else {})}  # fmt: skip
         steps.append(step)
         log(f"int8_fallback step {k}: {len(excluded)} node(s) in fp32, val top-1 {score['top1']:.4f}")
-        k += 1
-        if score["top1"] >= fp32_top1 - budget or not _groups(
-            [c for c in candidates if c not in excluded], prep.neighbours, excluded, max_nodes
-        ):
+        groups = _groups([c for c in candidates if c not in excluded], prep.neighbours, excluded, max_nodes)
+        if score["top1"] >= fp32_top1 - budget or not groups:
             break
     within = steps[-1]["val_top1"] >= fp32_top1 - budget
     chosen = steps[-1]["step"] if within else max(steps, key=lambda s: (s["val_top1"], -s["step"]))["step"]
