@@ -8,7 +8,6 @@ torch: ``kdpipe status`` and config validation stay fast.
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 import kdpipe.teachers as shipped
 from kdpipe.errors import ConfigError
+from kdpipe.launch import launched_world_size
 from kdpipe.yamlfile import load_file as load_yaml_file
 from kdpipe.yamlfile import loads as load_yaml
 
@@ -557,11 +557,6 @@ class PipelineConfig(Section):
                 raise ValueError(f"teacher.path: {self.teacher.path} was trained on {trained_on}, "
                                  f"data.dataset is {self.data.dataset}")  # fmt: skip
         return self
-
-
-def launched_world_size() -> int:
-    """torchrun's WORLD_SIZE when it started this process as one of several, else 1 (no torch import)."""
-    return max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
 class LoadedConfig:

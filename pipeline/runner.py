@@ -10,8 +10,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from kdpipe.cache import Cache, cache_key, key_payload, library_versions
 from kdpipe.config import LoadedConfig, load_config
 from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError, describe
 from kdpipe.fileio import FileDigests, atomic_write_json, clear_folder
+from kdpipe.launch import launched
 from kdpipe.lock import CacheLock
 from kdpipe.ml.sources import dataset_fingerprint
 from kdpipe.stages import ORDER
@@ -143,7 +144,6 @@ def run_pipeline(
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
         report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
-    from kdpipe.ml.distributed import launched_role
     from kdpipe.ml.teacher_build import with_teacher_data_defaults
     from kdpipe.preflight import preflight
     from kdpipe.reporting.gates import parse_gate
@@ -162,7 +162,7 @@ def run_pipeline(
     progress = cfg.config.runtime.progress if progress is None else progress
     stopped_after = until if until and until != ORDER[-1] else None
     with ExitStack() as held:
-        with launched_role(cfg) as role:
+        with _launched_role(cfg) as role:
             if role == "follower":
                 _follow(cfg)
                 return {}
@@ -177,6 +177,19 @@ def run_pipeline(
             execute(cfg, steps, force, progress, echo, announce=role == "leader")
             record = record_run(cfg, steps, started)
         return conclude(cfg, record, stopped_after, gates, old_report, echo)  # still holding the lock
+
+
+@contextmanager
+def _launched_role(cfg: LoadedConfig) -> Iterator[str | None]:
+    """This process's torchrun role (None, "leader" or "follower"), told by the environment: a plain run imports
+    no torch for it; only one of several torchrun ranks joins the process group (:mod:`kdpipe.ml.distributed`)."""
+    if launched() is None:
+        yield None
+        return
+    from kdpipe.ml.distributed import launched_role
+
+    with launched_role(cfg) as role:
+        yield role
 
 
 def execute(

@@ -13,6 +13,7 @@ from typing import Any
 
 from kdpipe.config import LoadedConfig
 from kdpipe.diskspace import ensure_space, writing
+from kdpipe.reporting.macs import add_macs
 from kdpipe.stages.base import STAGES, Stage, StageContext
 from kdpipe.version import __version__
 
@@ -37,7 +38,8 @@ class ExportStage(Stage):
     # 3: samples.npz's expected logits computed as the edge runner computes them
     # 4: greedy int8_fallback; QAD keeps its start, replays distillation's views, settles dead channels
     # 5: int8_fallback also tries each node as a block with its neighbours
-    version = 5
+    # 6: every model's MACs counted here (metrics ``models.NAME.macs``), not by each report
+    version = 6
     needs = ("teacher", "distill")
     after = ("validate",)  # accuracy is known before the export work starts
     uses_data = True
@@ -59,6 +61,7 @@ class ExportStage(Stage):
         out: dict[str, Any] = {"input_shape": list(data.input_shape), "models": {}}
         metadata = self.export_models(ctx, head[: conf.parity.samples], out)
         self.make_variants(ctx, head.numpy(), data.test_y.numpy(), metadata, out)
+        add_macs(out["models"], ctx.out_dir)  # once, here: a cached re-run's report reads them, imports no onnx
         if conf.bundle_samples:
             self.save_samples(ctx, head.numpy(), data.test_y.numpy(), out)
         return out

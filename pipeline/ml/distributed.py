@@ -26,8 +26,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from kdpipe.config import LoadedConfig, launched_world_size
+from kdpipe.config import LoadedConfig
 from kdpipe.errors import ConfigError
+from kdpipe.launch import Launch, launched
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)  # a dead peer is noticed at the next collective, within this
@@ -40,10 +41,10 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def join_launched(device: torch.device) -> int:
+def join_launched(device: torch.device, launch: Launch) -> int:
     """Join the process group torchrun set up (``env://``): NCCL with one GPU per local rank on CUDA, else
     gloo. Returns this process's rank."""
-    rank, size, local = int(os.environ.get("RANK") or 0), launched_world_size(), int(os.environ.get("LOCAL_RANK") or 0)
+    rank, size, local = launch.rank, launch.world_size, launch.local_rank
     backend = "gloo"
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -61,8 +62,10 @@ def join_launched(device: torch.device) -> int:
 def launched_role(cfg: LoadedConfig) -> Iterator[str | None]:
     """The torchrun role of this process for one run: ``None`` outside torchrun, else ``"leader"`` (rank 0: plans,
     runs every stage, alone writes the cache and the report) or ``"follower"`` (trains beside it). Joins the
-    process group on entry and leaves it on exit."""
-    if launched_world_size() <= 1:
+    process group on entry and leaves it on exit. The runner asks :func:`kdpipe.launch.launched` first, so a
+    plain run never imports this module (nor torch)."""
+    launch = launched()
+    if launch is None:
         yield None
         return
     from kdpipe.ml.device import pick_device
@@ -71,12 +74,12 @@ def launched_role(cfg: LoadedConfig) -> Iterator[str | None]:
         raise ConfigError(
             "runtime.nproc",
             f"forks its own workers; under torchrun the process count is its --nproc_per_node "
-            f"({launched_world_size()} here): drop --nproc / runtime.nproc",
+            f"({launch.world_size} here): drop --nproc / runtime.nproc",
             cfg.source,
         )
-    rank = join_launched(pick_device(cfg.config.runtime.device))
+    join_launched(pick_device(cfg.config.runtime.device), launch)
     try:
-        yield "leader" if rank == 0 else "follower"
+        yield launch.role
     finally:
         leave()
 

@@ -10,7 +10,8 @@ gives every tensor's shape at batch 1, and each compute node adds its MACs:
 
 Element-wise ops, pooling and normalisation are left out, as usual for MAC counts; FLOPs are reported as
 2 × MACs. Quantisation changes the arithmetic's precision, not the count, so a variant has its fp32 model's
-MACs (the variants' own graphs confirm it). Nothing here imports torch.
+MACs (the variants' own graphs confirm it). Nothing here imports torch; onnx only when counting, which the
+export stage does once per export (its metrics keep the figures), so rendering a report imports no onnx.
 """
 
 from __future__ import annotations
@@ -133,15 +134,15 @@ def count_macs(path: str | Path) -> dict[str, Any]:
     }
 
 
-def add_macs(report: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Set ``models[name]["macs"]`` for every model whose ONNX file is in ``folder``; returns the report.
+def add_macs(models: dict[str, dict[str, Any]], folder: Path) -> dict[str, dict[str, Any]]:
+    """Set ``macs`` on every model (the export stage's entries, each naming its ``file``) whose ONNX file is in
+    ``folder``; returns ``models``. The export stage counts them once, into its metrics: the report reads them.
 
     A variant whose own graph cannot be counted (an op this counter does not know) keeps its fp32 model's
     count, which quantisation does not change; a file that cannot be read at all gets no figure.
     """
-    models = report.get("models") or {}
     for m in models.values():
-        file = (m.get("onnx") or {}).get("file")
+        file = m.get("file")
         if not file or not (Path(folder) / file).is_file():
             continue
         try:
@@ -152,7 +153,7 @@ def add_macs(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     for m in models.values():
         if "variant" in m and student.get("macs") and (m.get("macs") or {}).get("uncounted"):
             m["macs"] = {**student, "note": "the fp32 student's count (quantisation keeps the MACs)"}
-    return report
+    return models
 
 
 def format_macs(macs: float | None) -> str:

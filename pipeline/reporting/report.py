@@ -14,7 +14,6 @@ from typing import Any
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import UsageError
 from kdpipe.fileio import atomic_write_text
-from kdpipe.reporting.macs import add_macs
 from kdpipe.reporting.markdown import render_markdown
 from kdpipe.reporting.model_card import FILE as MODEL_CARD
 from kdpipe.reporting.model_card import render_model_card
@@ -49,8 +48,6 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
     models = _trained_models(teacher, distill, validate, export)
     models.update(_variants(distill, export, exclude=set(models)))
     _attach_latency(models, bench)
-    if export and "export" in record["stages"]:
-        add_macs({"models": models}, cfg.cache_dir / "export" / record["stages"]["export"]["key"])
     if "teacher" in models:
         _shipped_teacher(cfg, models["teacher"])
     return {
@@ -113,6 +110,8 @@ def _trained_models(
                 "exporter": e["exporter"],
                 "parity": e["parity"],
             }
+            if "macs" in e:  # counted by the export stage
+                entry["macs"] = e["macs"]
         models[role] = entry
     return models
 
@@ -135,6 +134,8 @@ def _variants(distill: dict[str, Any], export: dict[str, Any], exclude: set[str]
         }
         if "quantization" in e:
             models[name]["quantization"] = e["quantization"]
+        if "macs" in e:
+            models[name]["macs"] = e["macs"]
     return models
 
 

@@ -124,6 +124,25 @@ def test_rerun_runs_no_stage_body(project, monkeypatch, capsys):
     assert capsys.readouterr().out.count(" cached ") == 6
 
 
+def test_a_cached_rerun_imports_no_torch_onnx_or_onnxruntime(project):
+    """An all-cached `kdpipe run` does no heavy work: the torchrun role comes from the environment, the MACs from
+    the export stage's metrics (counted once, when it ran), so torch, onnx and onnxruntime are never imported."""
+    code = (
+        "import sys\n"
+        "from kdpipe.cli import main\n"
+        "code = main(['run'])\n"
+        "print('heavy:', sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" cached ") == 6, out.stdout
+    assert "heavy: []" in out.stdout, out.stdout
+    report = json.loads((project / "kdpipe-out" / "report.json").read_text())
+    for name, model in report["models"].items():  # every exported model's MACs, read from the export's metrics
+        assert model["macs"]["macs"] > 0 and model["macs"]["method"] == "onnx-graph", name
+
+
 def test_changing_a_benchmark_setting_reruns_only_benchmark(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     ran = forbid_stage_bodies(monkeypatch, allowed=("benchmark",))

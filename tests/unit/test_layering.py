@@ -2,7 +2,7 @@
 
 Layers, bottom up (docs/architecture.md):
   0  kdpipe.version, errors, fileio, registry, config, cache,  the ground floor
-     teachers (the shipped teachers' manifest)
+     teachers (the shipped teachers' manifest), launch (torchrun's environment)
   1  kdpipe.ml, kdpipe.reporting, kdpipe.edge, kdpipe.exporters  the toolkits
   2  kdpipe.stages                                             one file per stage
   3  kdpipe.runner, kdpipe.cli, kdpipe (the package API)         the top floor
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"kdpipe": "pipeline", "kdpipe.stages": "stages", "kdpipe.exporters": "exporters"}
 GROUND = {
     "kdpipe.version", "kdpipe.errors", "kdpipe.fileio", "kdpipe.registry", "kdpipe.config", "kdpipe.cache",
-    "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace", "kdpipe.teachers",
+    "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace", "kdpipe.teachers", "kdpipe.launch",
 }  # fmt: skip
 TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__", "kdpipe.preflight"}
 
