@@ -255,6 +255,50 @@ def teachers(verify: bool) -> None:
         click.echo(f"sha256 verified: {len(manifest())} file(s)")
 
 
+@cli.command("config")
+@click.option("--show", is_flag=True, help="Print the resolved config as YAML: every default filled, --set applied.")
+@click.option("--schema", is_flag=True, help="Print the config's JSON Schema (for editors: completion and checks).")
+@click.option("--reference", is_flag=True, help="Print the config reference (Markdown: every key, type, default).")
+@config_option
+@set_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@click.pass_context
+def config_command(
+    ctx: click.Context,
+    show: bool,
+    schema: bool,
+    reference: bool,
+    config_path: str,
+    overrides: tuple[str, ...],
+    output: str | None,
+) -> None:
+    """Show the resolved config (--show, the default), its JSON Schema (--schema) or its reference (--reference).
+
+    Imports no torch, and reads no data: the config file alone."""
+    from kdpipe import configdoc
+
+    if show + schema + reference > 1:
+        raise UsageError("give one of --show, --schema or --reference")
+    config_given = ctx.get_parameter_source("config_path") is not click.core.ParameterSource.DEFAULT
+    if (schema or reference) and (overrides or config_given):
+        raise UsageError("-c and --set go with --show; --schema and --reference describe every config")
+    if schema:
+        text = configdoc.schema_text()
+    elif reference:
+        text = configdoc.reference_markdown()
+    else:
+        from kdpipe.config import load_config
+
+        cfg = load_config(config_path, overrides)
+        text = configdoc.show_yaml(cfg.config, " ".join([cfg.source, *(f"--set {o}" for o in overrides)]))
+    if output:
+        from kdpipe.fileio import atomic_write_text
+
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=False)
+
+
 model_option = click.option(
     "--model", "model_names", multiple=True, metavar="NAME", help="Only this model (repeatable; default: all exported)."
 )

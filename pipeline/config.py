@@ -357,8 +357,10 @@ class DistillConfig(Section):
     )
     factor: int = Field(2, ge=1, description="SimKD projector bottleneck factor f (C_t / f hidden channels).")
     student_feature_node: str | None = Field(None, description="Override of the student's last-feature-map node.")
-    kd: KDConfig = Field(default_factory=KDConfig, description="kd settings.")
-    fitnet: FitNetConfig = Field(default_factory=FitNetConfig, description="fitnet settings.")
+    kd: KDConfig = Field(default_factory=KDConfig, description="Settings of method kd (used when kd is trained).")
+    fitnet: FitNetConfig = Field(
+        default_factory=FitNetConfig, description="Settings of method fitnet (used when fitnet is trained)."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe of the student.")
 
     @model_validator(mode="after")
@@ -437,6 +439,17 @@ class ExportConfig(Section):
     )
 
 
+def _count_or_list(schema: dict[str, Any]) -> None:
+    """JSON Schema of a field whose validator also takes one count for a list of one."""
+    items = dict(schema)
+    for key in ("title", "description", "default"):
+        items.pop(key, None)
+    for key in list(schema):
+        if key not in ("title", "description", "default"):
+            del schema[key]
+    schema["anyOf"] = [items["items"], items]
+
+
 class BenchmarkConfig(Section):
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -444,7 +457,9 @@ class BenchmarkConfig(Section):
         "'available' means every provider this onnxruntime offers.",
     )
     intra_op_threads: list[int] = Field(
-        default_factory=lambda: [1], description="ONNX Runtime intra-op thread counts; the first is the headline."
+        default_factory=lambda: [1],
+        description="ONNX Runtime intra-op thread counts (a count or a list); the first is the headline.",
+        json_schema_extra=_count_or_list,
     )
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
     warmup: int = Field(10, ge=0, description="Untimed runs first.")
@@ -533,13 +548,31 @@ class RuntimeConfig(Section):
 class PipelineConfig(Section):
     cache_dir: str = Field(".kdpipe", description="Cache folder, relative to the config file.")
     output_dir: str = Field("kdpipe-out", description="Where report.json and the run's model files are written.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Dataset.")
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="teacher stage.")
-    features: FeaturesConfig = Field(default_factory=FeaturesConfig, description="features stage (cached teacher).")
-    distill: DistillConfig = Field(default_factory=DistillConfig, description="distill stage.")
-    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="validate stage.")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="export stage.")
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="benchmark stage.")
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="The dataset, its splits, loading (in memory or streamed) and augmentation.",
+    )
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="The teacher stage: which teacher, and how it is trained or loaded."
+    )
+    features: FeaturesConfig = Field(
+        default_factory=FeaturesConfig,
+        description="The features stage: the frozen teacher's feature maps and logits, computed once and cached.",
+    )
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="The distill stage: the student, the method and its training recipe."
+    )
+    validate_: ValidateConfig = Field(
+        default_factory=ValidateConfig,
+        alias="validate",
+        description="The validate stage: teacher and student accuracy on the test split.",
+    )
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="The export stage: ONNX files, their parity and deployment variants."
+    )
+    benchmark: BenchmarkConfig = Field(
+        default_factory=BenchmarkConfig, description="The benchmark stage: ONNX Runtime latency, throughput and memory."
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Result-neutral runtime settings.")
     gates: list[GateConfig] = Field(default_factory=list, description="Hard checks; any failure makes the exit code 1.")
     baseline: BaselineConfig = Field(

@@ -3,6 +3,7 @@
 Layers, bottom up (docs/architecture.md):
   0  kdpipe.version, errors, fileio, registry, config, cache,  the ground floor
      teachers (the shipped teachers' manifest), launch (torchrun's environment)
+     configdoc (the generated config reference and JSON Schema)
   1  kdpipe.ml, kdpipe.reporting, kdpipe.edge, kdpipe.exporters  the toolkits
   2  kdpipe.stages                                             one file per stage
   3  kdpipe.runner, kdpipe.cli, kdpipe (the package API)         the top floor
@@ -26,6 +27,7 @@ PACKAGE_DIRS = {"kdpipe": "pipeline", "kdpipe.stages": "stages", "kdpipe.exporte
 GROUND = {
     "kdpipe.version", "kdpipe.errors", "kdpipe.fileio", "kdpipe.registry", "kdpipe.config", "kdpipe.cache",
     "kdpipe.yamlfile", "kdpipe.lock", "kdpipe.diskspace", "kdpipe.teachers", "kdpipe.launch",
+    "kdpipe.configdoc",
 }  # fmt: skip
 TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__", "kdpipe.preflight"}
 
