@@ -20,7 +20,8 @@ demo: install
 	$(BIN)/kdpipe run -c pipeline.yaml
 	$(BIN)/kdpipe report --format md
 
-# Installs kdpipe and what its tests need (scripts/provision.sh: Fashion-MNIST, OpenSSH), then runs the suite.
+# Installs kdpipe and what its tests need (scripts/provision.sh: Fashion-MNIST, OpenSSH, Chromium), then runs the
+# suite; a tool that cannot be installed here is reported loudly and its tests skip, saying why (-ra).
 test: install
 	@PYTHON=$(BIN)/python scripts/provision.sh test
 	$(BIN)/python -m pytest -q

@@ -116,3 +116,38 @@ def test_makefile_and_ci_share_the_script():
     makefile = (ROOT / "Makefile").read_text()
     assert "scripts/provision.sh data" in makefile and "scripts/provision.sh test" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def only_tools(bin_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    """PATH = the fake bin folder holding links to the few tools the script runs: no chromium, whatever is installed."""
+    import shutil
+
+    for tool in ("bash", "sh", "dirname", "id", "mktemp", "tail", "sed", "rm", "mkdir", "cp", "chmod", "cat"):
+        found = shutil.which(tool)
+        if found and not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(found)
+    return {**env, "PATH": str(bin_dir)}
+
+
+def test_test_target_installs_chromium_once_and_says_loudly_when_it_cannot(machine):
+    tmp, env, _ = machine
+    env = only_tools(tmp / "bin", env)
+    out = provision(env, "test")
+    assert out.returncode == 0, out.stderr  # `make test` goes on; the screenshot test skips and says why
+    log = (tmp / "apt.log").read_text().splitlines()
+    assert "install -y -qq --no-install-recommends chromium" in log
+    assert log.count("update -qq") == 1, log  # one apt-get update for everything the script installs
+    assert "CANNOT INSTALL chromium HERE" in out.stderr and "NOT PROVISIONED" in out.stderr
+
+
+def test_test_target_with_apt_that_works_installs_chromium(machine):
+    tmp, env, files = machine
+    env = only_tools(tmp / "bin", env)
+    env["APT_SOURCE"] = str(files)
+    apt = (tmp / "bin" / "apt-get").read_text()  # the fake apt-get also "installs" chromium
+    fake = f"printf '#!/bin/sh\\\\n' > {tmp / 'bin' / 'chromium'}; chmod +x {tmp / 'bin' / 'chromium'}"
+    (tmp / "bin" / "apt-get").write_text(apt.replace("case", f'case "$*" in *chromium*) {fake} ;; esac\ncase', 1))
+    out = provision(env, "test")
+    assert out.returncode == 0, out.stderr
+    assert (tmp / "bin" / "chromium").is_file() and "CANNOT INSTALL chromium" not in out.stderr
+    assert provision(env, "test").stderr.count("installing chromium") == 0  # installed: nothing more to do
