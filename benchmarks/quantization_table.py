@@ -1,4 +1,4 @@
-"""The README's quantisation table from one run's report.json, and the issue's targets checked against it.
+"""The quantisation table of docs/benchmarks.md from one run's report.json, and the issue's targets checked against it.
 
     python benchmarks/quantization_table.py configs/kdpipe-out-quantization/report.json
 

@@ -1,5 +1,5 @@
-"""The run report: ``report.json`` is the machine contract (keys documented in the README); Markdown and the model
-card (``markdown.py``, ``model_card.py``) for people."""
+"""The run report: ``report.json`` is the machine contract (keys documented in docs/report-json.md); Markdown and
+the model card (``markdown.py``, ``model_card.py``) for people."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def distillation_verdict(report: dict[str, Any]) -> str | None:
     else:
         text = (
             f"Distillation does NOT beat training the student alone here: {head} ({delta:+.2f} pp, same student, "
-            "recipe and seed); a stronger teacher or a longer recipe may change that (README, Distillation methods)."
+            "recipe and seed); a stronger teacher or a longer recipe may change that (docs/methods.md)."
         )
     if best is not deployed:
         text += f" Best method in this run: {best['method']} ({pct(best['test_top1'])})."
