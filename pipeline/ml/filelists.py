@@ -14,11 +14,13 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from kdpipe.config import DataConfig, LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: planning a cached run lists no files
+    import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SKIP_HINT = "fix or remove it, or set data.skip_bad_images: true"
@@ -69,6 +71,8 @@ def _bad(cfg: LoadedConfig, skipped: list[str], message: str) -> None:
 
 
 def _pack(root: Path, rows: list[tuple[str, int]]) -> FileList:
+    import numpy as np
+
     paths = np.array([os.fsencode(p) for p, _ in rows], dtype=np.bytes_) if rows else np.array([], dtype="S1")
     return FileList(root, paths, np.array([label for _, label in rows], dtype=np.int64))
 
@@ -206,6 +210,8 @@ def shard_index(path: Path) -> tuple[list[str], list[int]]:
 def hash_fraction(seed: int, names: np.ndarray, salt: str = "val") -> np.ndarray:
     """A uniform number in [0, 1) per name from sha256(seed, salt, name): the same on every run and machine,
     and a file keeps its side of the split when others are added or removed."""
+    import numpy as np
+
     prefix = f"{seed}:{salt}:".encode()
     out = np.empty(len(names), dtype=np.float64)
     for i, name in enumerate(names):
@@ -217,6 +223,8 @@ def hash_fraction(seed: int, names: np.ndarray, salt: str = "val") -> np.ndarray
 def split_train(data: DataConfig, train: FileList) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) row indices of the training list: val is every file whose path hashes below
     ``val_fraction``; ``train_subset`` keeps the files with the smallest second hash."""
+    import numpy as np
+
     val = hash_fraction(data.seed, train.paths) < data.val_fraction
     if val.all() or not val.any():  # tiny lists: hold out at least one image and keep at least one
         order = np.argsort(hash_fraction(data.seed, train.paths))
