@@ -148,15 +148,21 @@ def _render(fmt: str, data: dict) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Render this report.json.")
 def report(config_path: str, fmt: str, output: str | None, report_path: str | None) -> None:
-    """Render the last run's report (json, md, junit or a self-contained html file)."""
+    """Render the last run's report (json, md, junit or a self-contained html file), or --report FILE (which needs
+    no config: a report downloaded from CI renders anywhere)."""
     from kdpipe.reporting.report import load_report
 
-    cfg = _load(config_path)
-    data = load_report(cfg, report_path)
+    if report_path:
+        where: Path | str = report_path
+        data = load_report(None, report_path)
+    else:  # the config says where the last run's report is
+        _config_for_last_report(config_path)
+        cfg = _load(config_path)
+        where = cfg.output_dir / "report.json"
+        data = load_report(cfg)
     try:
         text = _render(fmt, data)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a report edited or cut short
-        where = report_path or cfg.output_dir / "report.json"
         raise UsageError(f"{where}: not a complete kdpipe report ({type(exc).__name__}: {exc})") from None
     if output:
         from kdpipe.fileio import atomic_write_text
@@ -179,7 +185,9 @@ def report(config_path: str, fmt: str, output: str | None, report_path: str | No
 @click.option("--write", is_flag=True, help="Save the verdicts into the gated report.json (and report.md beside it).")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Also write the verdicts as JUnit XML.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Also write the gated report as Markdown.")
+@click.pass_context
 def gate(
+    ctx: click.Context,
     config_path: str,
     overrides: tuple[str, ...],
     report_path: str | None,
@@ -193,6 +201,9 @@ def gate(
 
     Reads only: the report is rewritten with the verdicts only with --write. --junit and --md files are
     written whatever the verdict (CI reads them on failure), and nothing is written on bad input.
+
+    With --report FILE and no config file (a CI artifact on another machine), the gates are the --gate
+    expressions, else the gates recorded in the report.
     """
     from kdpipe.fileio import atomic_write_json, atomic_write_text
     from kdpipe.reporting.gates import format_table
@@ -200,9 +211,16 @@ def gate(
     from kdpipe.reporting.outcome import judge, raise_on_failure
     from kdpipe.reporting.report import load_report, render_markdown, write_reports
 
-    cfg = _load(config_path, overrides, ("output_dir",) if write and report_path is None else ())
-    data = load_report(cfg, report_path)
-    old = load_report(cfg, baseline) if baseline else None
+    given = ctx.get_parameter_source("config_path") is not click.core.ParameterSource.DEFAULT
+    if report_path is None or given or Path(config_path).exists():
+        if report_path is None:
+            _config_for_last_report(config_path)
+        cfg = _load(config_path, overrides, ("output_dir",) if write and report_path is None else ())
+        data = load_report(cfg, report_path)
+    else:
+        data = load_report(None, report_path)
+        cfg = _config_of_report(data, report_path, config_path, overrides, bool(gates or baseline))
+    old = load_report(None, baseline) if baseline else None
     judge(data, cfg, gates, old)
     click.echo(format_table(data["gates"]))
     if junit_path:
@@ -214,6 +232,33 @@ def gate(
     elif write:
         atomic_write_json(Path(report_path), data)
     raise_on_failure(data)
+
+
+def _config_for_last_report(config_path: str) -> None:
+    """The last run's report is found through its config (``output_dir``): without one, say what else works."""
+    if not Path(config_path).exists():
+        raise UsageError(
+            f"config file not found: {config_path}; pass the run's config with -c FILE, or a report with --report FILE"
+        )
+
+
+def _config_of_report(data: dict, report_path: str, config_path: str, overrides: tuple[str, ...], judged: bool):
+    """`kdpipe gate --report FILE` without a config file: the defaults (with --set), and, when no --gate or
+    --baseline is given, the gates recorded in the report; when it records none, say in one line what to pass."""
+    from kdpipe.config import LoadedConfig, load_config
+    from kdpipe.reporting.gates import recorded_gates
+
+    cfg = load_config(None, overrides)
+    if judged or cfg.config.gates:
+        return cfg
+    recorded = recorded_gates(data, report_path)
+    if not recorded:
+        raise UsageError(
+            f"no gates to judge: there is no config file {config_path} here and {report_path} records no gates; "
+            "pass --gate 'MODEL.METRIC >= VALUE' (e.g. --gate 'student.top1 >= 0.9'), or the run's config with -c FILE"
+        )
+    click.echo(f"no config file {config_path}: judging the {len(recorded)} gate(s) recorded in {report_path}", err=True)
+    return LoadedConfig(cfg.config.model_copy(update={"gates": recorded}), None)
 
 
 @cli.command()

@@ -50,6 +50,30 @@ def parse_gate(text: str) -> GateConfig:
         raise UsageError(f"--gate '{text}': {key}: {msg}" if key else f"--gate '{text}': {msg}") from None
 
 
+def recorded_gates(report: dict[str, Any], where: str = "the report") -> list[GateConfig]:
+    """The threshold gates a report was judged by (its ``gates`` verdicts), to judge it again where the run's config
+    is not at hand (a CI artifact on another machine). Baseline comparisons are left out: they need the baseline."""
+    out = []
+    for verdict in report.get("gates") or []:
+        if verdict.get("metric") not in METRICS:  # top1_drop_vs_baseline, latency_regression_pct
+            continue
+        match = EXPRESSION.match(str(verdict.get("name", "")))
+        bound = "min" if verdict.get("op") == ">=" else "max"
+        data = {
+            "model": verdict.get("model"),
+            "metric": verdict["metric"],
+            "batch_size": verdict.get("batch_size"),
+            "threads": int(match["threads"]) if match and match["threads"] else None,
+            bound: verdict.get("threshold"),
+        }
+        try:
+            out.append(GateConfig.model_validate(data))
+        except ValidationError as exc:
+            key, msg = first_error(exc, GateConfig)
+            raise UsageError(f"{where}: recorded gate {verdict.get('name')!r} is unreadable: {key}: {msg}") from None
+    return out
+
+
 def gate_name(g: GateConfig) -> str:
     batch = f"@{g.batch_size}" if g.batch_size else ""
     batch += f":{g.threads}" if g.batch_size and g.threads else ""

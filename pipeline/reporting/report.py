@@ -210,9 +210,14 @@ def write_reports(out: Path, report: dict[str, Any]) -> Path:
     return out / "report.json"
 
 
-def load_report(cfg: LoadedConfig, path: str | Path | None = None) -> dict[str, Any]:
-    """The last run's report (or ``path``); a missing or malformed file is bad input."""
-    target = Path(path) if path else cfg.output_dir / "report.json"
+def load_report(cfg: LoadedConfig | None, path: str | Path | None = None) -> dict[str, Any]:
+    """The last run's report (or ``path``: then ``cfg`` may be None); a missing or malformed file is bad input."""
+    if path:
+        target = Path(path)
+    elif cfg is not None:
+        target = cfg.output_dir / "report.json"
+    else:
+        raise UsageError("no report given: pass --report FILE, or the run's config with -c FILE")
     try:
         report = json.loads(target.read_text(encoding="utf-8"))
     except FileNotFoundError:

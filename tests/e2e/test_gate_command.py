@@ -165,3 +165,68 @@ def test_edited_reports_are_one_line(project, capsys, args, change):
     assert code in (0, 2), err  # what a renderer can show without the figure is fine; a crash is not
     if code == 2:
         assert len(err.splitlines()) == 1 and err.startswith("kdpipe: error: "), err
+
+
+def _artifact(tmp_path: Path, monkeypatch, gates: list[str]) -> Path:
+    """An empty folder holding only a report.json (a CI artifact downloaded elsewhere), judged by ``gates``."""
+    from kdpipe.reporting.gates import evaluate, parse_gate
+
+    data = report()
+    data["gates"] = evaluate(data, [parse_gate(g) for g in gates])
+    baseline = {"name": "student.top1 vs baseline", "model": "student", "metric": "top1_drop_vs_baseline"}
+    data["gates"].append({**baseline, "batch_size": None, "threshold": 0.005, "op": "<=", "measured": 0, "passed": 1})
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(data))
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("fmt", "expected"), [("md", "tiny_cnn"), ("json", '"schema_version": 1'),
+                                               ("junit", "<testsuite"), ("html", "<html")])  # fmt: skip
+def test_report_renders_a_report_with_no_config_here(tmp_path, monkeypatch, capsys, fmt, expected):
+    folder = _artifact(tmp_path, monkeypatch, ["student.top1 >= 0.5"])
+    assert main(["report", "--report", "report.json", "--format", fmt]) == 0, capsys.readouterr().err
+    assert expected in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["report.json"]  # no cache, no output folder
+
+
+def test_gate_judges_the_recorded_gates_with_no_config_here(tmp_path, monkeypatch, capsys):
+    _artifact(tmp_path, monkeypatch, ["student.top1 >= 0.5", "student.parameters <= 2000"])
+    assert main(["gate", "--report", "report.json"]) == 0
+    captured = capsys.readouterr()
+    assert "judging the 2 gate(s) recorded in report.json" in captured.err
+    assert "student.top1 >= 0.5" in captured.out and "student.parameters <= 2000" in captured.out
+    assert "vs baseline" not in captured.out  # a baseline comparison needs the baseline report
+    assert "2 passed, 0 failed" in captured.out
+
+
+def test_a_failing_recorded_gate_still_fails(tmp_path, monkeypatch, capsys):
+    folder = _artifact(tmp_path, monkeypatch, ["student.top1 >= 0.95"])
+    assert main(["gate", "--report", "report.json", "--junit", "gates.xml", "--write"]) == 1
+    assert "FAILED student.top1 >= 0.95: measured 0.8966 misses >= 0.95" in capsys.readouterr().out
+    assert 'failures="1"' in (folder / "gates.xml").read_text()
+    assert [g["name"] for g in json.loads((folder / "report.json").read_text())["gates"]] == ["student.top1 >= 0.95"]
+
+
+def test_gate_expressions_replace_the_recorded_gates_with_no_config_here(tmp_path, monkeypatch, capsys):
+    _artifact(tmp_path, monkeypatch, ["student.top1 >= 0.95"])  # recorded, failing: not judged now
+    assert main(["gate", "--report", "report.json", "--gate", "student.top1 >= 0.8"]) == 0
+    out = capsys.readouterr().out
+    assert "student.top1 >= 0.8" in out and "0.95" not in out
+
+
+def test_no_config_and_no_recorded_gates_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    _artifact(tmp_path, monkeypatch, [])
+    (Path("report.json")).write_text(json.dumps(report()))  # no gates at all
+    assert main(["gate", "--report", "report.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no gates to judge" in err and "--gate 'student.top1 >= 0.9'" in err, err
+
+
+@pytest.mark.parametrize("command", [["report"], ["gate", "--gate", "student.top1 >= 0.5"]])
+def test_the_last_report_needs_its_config(tmp_path, monkeypatch, capsys, command):
+    _artifact(tmp_path, monkeypatch, [])
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config file not found: pipeline.yaml" in err and "--report FILE" in err

@@ -7,7 +7,15 @@ import pytest
 
 from kdpipe.config import BaselineConfig, GateConfig
 from kdpipe.errors import UsageError
-from kdpipe.reporting.gates import bootstrap_ratio, compare_baseline, format_table, parse_gate, run_gates
+from kdpipe.reporting.gates import (
+    bootstrap_ratio,
+    compare_baseline,
+    format_table,
+    gate_name,
+    parse_gate,
+    recorded_gates,
+    run_gates,
+)
 
 
 def lat(p50, rounds):
@@ -141,3 +149,17 @@ def test_bootstrap_interval_contains_the_point():
 def test_parse_gate_round_trip():
     g = parse_gate("student-int8.p99_ms@32 <= 4")
     assert (g.model, g.metric, g.batch_size, g.max) == ("student-int8", "p99_ms", 32, 4.0)
+
+
+def test_recorded_gates_are_the_gates_a_report_was_judged_by():
+    gates = [parse_gate(g) for g in ("student.top1 >= 0.9", "student.p90_ms@1:4 <= 2.5", "teacher.file_bytes <= 1e+06")]
+    verdicts = [
+        {"name": gate_name(g), "model": g.model, "metric": g.metric, "batch_size": g.batch_size,
+         "threshold": g.min if g.min is not None else g.max, "op": ">=" if g.min is not None else "<="}
+        for g in gates
+    ]  # fmt: skip
+    verdicts.append({"name": "student.p50_ms@1 vs baseline", "model": "student", "metric": "latency_regression_pct",
+                     "batch_size": 1, "threshold": 10.0, "op": "<="})  # fmt: skip
+    assert recorded_gates({"gates": verdicts}) == gates
+    with pytest.raises(UsageError, match=r"r.json: recorded gate 'x' is unreadable: "):
+        recorded_gates({"gates": [{"name": "x", "model": "student", "metric": "top1", "op": ">="}]}, "r.json")
