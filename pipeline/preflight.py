@@ -197,9 +197,11 @@ def check_models(cfg: LoadedConfig, stale: set[str]) -> None:
 def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
     import torch
 
-    from kdpipe.ml.entrypoints import resolve_model_name
+    from kdpipe.ml.entrypoints import model_label, resolve_model_name
+    from kdpipe.ml.model_fit import DataFit
+    from kdpipe.ml.models import check_fits, load_script
     from kdpipe.ml.split import split_model
-    from kdpipe.ml.teacher_build import teacher_arch
+    from kdpipe.ml.teacher_build import build_teacher, teacher_arch
     from kdpipe.ml.zoo import UnknownNameError, create_model
     from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
 
@@ -223,35 +225,48 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
     except UsageError as exc:
         key = "teacher.entrypoint" if conf.teacher.source == "python" else "distill.student"
         raise ConfigError(key, str(exc), cfg.source) from None
-    names = [] if torchscript else [("teacher.arch", teacher_name, conf.teacher.kwargs)]
+    teacher_key = "teacher.entrypoint" if conf.teacher.source == "python" else "teacher.arch"
+    names = [] if torchscript else [("teacher", teacher_key, teacher_name, conf.teacher.kwargs)]
     if "distill" in stale:
-        names.append(("distill.student", student_name, distill.student_kwargs))
+        names.append(("student", "distill.student", student_name, distill.student_kwargs))
+    fit = DataFit.of(conf.data, (shape.channels, shape.height, shape.width), shape.classes) if shape else None
     built = {}
     classes, channels = (shape.classes, shape.channels) if shape else (2, 1)
     size = (shape.height if shape.height == shape.width else (shape.height, shape.width)) if shape else None
-    for key, name, kwargs in names:
+    for role, key, name, kwargs in names:
         try:
-            built[key] = create_model(name, num_classes=classes, in_channels=channels, image_size=size, kwargs=kwargs)
+            if role == "teacher" and fit and "teacher" in stale:  # as the stage will: weights loaded, checked
+                built[role] = build_teacher(cfg, fit.classes, (fit.channels, fit.height, fit.width)).model
+            else:
+                built[role] = create_model(
+                    name, num_classes=classes, in_channels=channels, image_size=size, kwargs=kwargs
+                )
         except UnknownNameError as exc:
             raise ConfigError(key, str(exc), cfg.source) from None
         except UsageError as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError("teacher.entrypoint" if name == teacher_name and conf.teacher.source == "python" else key,
-                              str(exc), cfg.source) from None  # fmt: skip
+            raise ConfigError(key, str(exc), cfg.source) from None
         except Exception as exc:  # the stage would fail the same way, after the stages before it
             if shape is None:
                 continue  # built for placeholder classes/channels: only the name was being checked
-            message = f"'{name}' cannot be built for {channels}-channel images of {classes} classes"
+            message = f"{model_label(name)} cannot be built for {channels}-channel images of {classes} classes"
             raise ConfigError(key, f"{message}: {describe(exc, limit=200)}", cfg.source) from None
-    if shape is None or torchscript:
+    if shape is None or fit is None:
         return  # the feature map's shape depends on data only the stages read
+    if "teacher" in stale and torchscript:
+        path = cfg.resolve(conf.teacher.path or "")
+        check_fits(load_script(path, "teacher.path", cfg.source), path.name, fit, "teacher.path", cfg.source)
+    elif "teacher" in stale:
+        check_fits(built["teacher"], model_label(teacher_name), fit, teacher_key, cfg.source, teacher_name)
+    if "distill" in stale:
+        check_fits(built["student"], model_label(student_name), fit, "distill.student", cfg.source, student_name)
+    if torchscript:
+        return
     example = torch.zeros(2, shape.channels, shape.height, shape.width)
     split = None
     if wants_features or conf.teacher.feature_node or conf.features.enabled:
-        split = _cut(
-            split_model, built["teacher.arch"], example, conf.teacher.feature_node, "teacher.feature_node", cfg
-        )
+        split = _cut(split_model, built["teacher"], example, conf.teacher.feature_node, "teacher.feature_node", cfg)
     if "features" in stale and conf.features.enabled and split is not None and shape.train_images:
         from kdpipe.stages.features import DISK_MARGIN, FEATURES
 

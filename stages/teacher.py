@@ -54,7 +54,8 @@ class TeacherStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from kdpipe.ml.models import TEACHER_SPEC, TEACHER_WEIGHTS, check_classes, count_parameters
+        from kdpipe.ml.entrypoints import model_label
+        from kdpipe.ml.models import TEACHER_SPEC, TEACHER_WEIGHTS, check_fits, count_parameters
         from kdpipe.ml.preprocessing import with_adapter
         from kdpipe.ml.teacher_build import preprocessing_spec, trained_normalization
         from kdpipe.ml.training import accuracy, predict
@@ -72,13 +73,14 @@ class TeacherStage(Stage):
             model = built.model
             spec.update(arch=built.arch, kwargs=built.kwargs, loaded=built.loaded, weights=TEACHER_WEIGHTS)
             metrics["arch"] = built.arch
+            key = "teacher.entrypoint" if conf.source == "python" else "teacher.arch"
+            # before training: the preflight cannot try it on data whose shape only the stage knows (WebDataset)
+            check_fits(model, model_label(built.arch), self.fit(ctx), key, ctx.cfg.source, built.arch)
             if conf.trains:
                 result = self.train(ctx, model)
                 if result is None:  # a torchrun follower: rank 0 evaluates and saves
                     return {}
                 metrics.update({k: v for k, v in result.items() if k != "best_state"})
-            key = "teacher.entrypoint" if conf.source == "python" else "teacher.arch"
-            check_classes(model, data, key, ctx.cfg.source)
             spec.update(preprocessing_spec(ctx.cfg, model, built.loaded, list(data.mean), list(data.std)))
             meta = trained_normalization(spec, list(data.mean), list(data.std))  # reloads with the right inputs
             save_weights(model.cpu(), ctx.out_dir / TEACHER_WEIGHTS, metadata=meta)
@@ -127,20 +129,21 @@ class TeacherStage(Stage):
 
     def load_script(self, ctx: StageContext) -> Any:
         """A TorchScript teacher, copied into the entry as it is."""
-        import torch
-
-        from kdpipe.ml.models import TEACHER_SCRIPT, check_classes
+        from kdpipe.ml.models import TEACHER_SCRIPT, check_fits, load_script
 
         cfg = ctx.cfg
         path = cfg.resolve(ctx.conf.path or "")
-        try:
-            model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            msg = f"{path.name} is not a TorchScript file ({str(exc).strip().splitlines()[0][:120]})"
-            raise ConfigError("teacher.path", msg, cfg.source) from None
+        model = load_script(path, "teacher.path", cfg.source)
         shutil.copyfile(path, ctx.out_dir / TEACHER_SCRIPT)
-        check_classes(model, ctx.data()[0], "teacher.path", cfg.source)
+        check_fits(model, path.name, self.fit(ctx), "teacher.path", cfg.source)
         return model
+
+    def fit(self, ctx: StageContext) -> Any:
+        """What the teacher must take and give: the data's images and classes (a ``DataFit``)."""
+        from kdpipe.ml.model_fit import DataFit
+
+        data, _ = ctx.data()
+        return DataFit.of(ctx.cfg.config.data, tuple(data.input_shape), data.num_classes)
 
     def build(self, ctx: StageContext) -> Any:
         """The architecture (zoo, torchvision:, timm: or the user's entry point), initialised from the recipe's

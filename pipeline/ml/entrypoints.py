@@ -44,6 +44,11 @@ class EntryPoint:
     def __str__(self) -> str:
         return f"{self.target}:{self.function}"
 
+    @property
+    def label(self) -> str:
+        """How messages name it: ``models.py:build`` (the file's name; the key and config are named beside it)."""
+        return f"{Path(self.target).name}:{self.function}" if self.is_file else str(self)
+
 
 def parse_entrypoint(text: str, base: Path | None = None) -> EntryPoint:
     """``models.py:build`` (resolved against ``base``, the config's folder) or ``pkg.models:build``."""
@@ -68,6 +73,16 @@ def resolve_model_name(name: str, base: Path | None) -> str:
     if not name.startswith(PYTHON_PREFIX):
         return name
     return PYTHON_PREFIX + str(parse_entrypoint(name[len(PYTHON_PREFIX) :], base))
+
+
+def model_label(name: str) -> str:
+    """A model name as messages show it: ``models.py:build`` for ``python:/abs/models.py:build``, else the name."""
+    if not name.startswith(PYTHON_PREFIX):
+        return name
+    try:
+        return parse_entrypoint(name[len(PYTHON_PREFIX) :]).label
+    except UsageError:
+        return name
 
 
 def source_file(ep: EntryPoint) -> Path:
@@ -120,13 +135,23 @@ def load_callable(ep: EntryPoint) -> Callable[..., Any]:
     except UsageError:
         raise
     except BaseException as exc:
-        raise UsageError(f"entry point '{ep}': importing {path.name} raised {describe(exc)}") from None
+        raise UsageError(f"entry point '{ep.label}': importing {path.name} raised {describe(exc)}") from None
     fn = getattr(module, ep.function, None)
     if not callable(fn):
         known = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:12]
         has = ", ".join(known) or "nothing callable"
-        raise UsageError(f"entry point '{ep}': {path.name} has no function '{ep.function}' (it has: {has})")
+        raise UsageError(f"entry point '{ep.label}': {path.name} has no function '{ep.function}' (it has: {has})")
     return fn
+
+
+def accepted_args(fn: Callable[..., Any]) -> set[str]:
+    """Which of the build arguments (:data:`BUILD_ARGS`) the user's function takes by name."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {a for a in BUILD_ARGS if takes_any or a in params}
 
 
 def build_from_entrypoint(
@@ -141,17 +166,16 @@ def build_from_entrypoint(
 
     fn = load_callable(ep)
     offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    call = {k: v for k, v in offered.items() if (k in params or takes_any) and v is not None}
+    takes = accepted_args(fn)
+    call = {k: v for k, v in offered.items() if k in takes and v is not None}
     call.update(kwargs or {})
+    args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     try:
         model = fn(**call)
     except Exception as exc:
-        raise UsageError(f"entry point '{ep}' raised {describe(exc)}") from None
+        raise UsageError(f"{ep.label}({args}) raised {describe(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise UsageError(f"entry point '{ep}' returned a {type(model).__name__}, not a torch.nn.Module")
+        what = type(model).__name__
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise UsageError(f"{ep.label}({args}) returned {article} {what}, not a torch.nn.Module")
     return model

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, first_line
 from kdpipe.ml.data import Dataset, Splits
+from kdpipe.ml.model_fit import DataFit, builder_hints, checkpoint_problem, fit_problem
 from kdpipe.ml.preprocessing import with_adapter
 from kdpipe.ml.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
-from kdpipe.ml.zoo import count_parameters, create_model  # noqa: F401 - re-exported
+from kdpipe.ml.zoo import GrayToRGB, count_parameters, create_model  # noqa: F401 - re-exported
 
 TEACHER_STATE = "teacher.pt"  # teachers committed before safetensors (spec without "weights")
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -35,12 +36,27 @@ def load_state_dict_file(path: Path, key: str, allow_pickle: bool, source: str) 
     return load_weights(path, key=key, source=source, allow_pickle=allow_pickle, opt_in="teacher.allow_pickle")
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], key: str, arch: str, source: str) -> None:
-    """Load ``state`` strictly; a mismatch is bad input, said in one line."""
+def load_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    key: str,
+    arch: str,
+    source: str,
+    fit: DataFit | None = None,
+    file: str = "the checkpoint",
+) -> None:
+    """Load ``state`` strictly; a mismatch is bad input, said in one line (with ``fit``, a stem or classifier
+    made for other data than the config's says so: channels or classes)."""
+    if isinstance(model, GrayToRGB) and not any(k.startswith("model.") for k in state):
+        state = {f"model.{k}": v for k, v in state.items()}  # a torchvision checkpoint, wrapped for 1-channel data
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(getattr(v, "shape", ()))]
+    if reshaped and fit is not None:
+        problem = checkpoint_problem(model, state, f"{file} ({arch})", fit)
+        if problem:
+            raise ConfigError(key, problem, source)
     if missing or unexpected or reshaped:
         parts = [
             f"{len(keys)} {what} (e.g. {keys[0]})"
@@ -85,14 +101,17 @@ def frozen(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def check_classes(model: nn.Module, data: Dataset, key: str, source: str) -> None:
-    """The model must take the data's channels and emit one logit per class."""
-    with torch.no_grad():
-        try:
-            out = model.eval()(torch.zeros(2, *data.input_shape))
-        except Exception as exc:
-            raise ConfigError(key, f"the model fails on {tuple(data.input_shape)} inputs: {exc}", source) from None
-    if out.ndim != 2 or out.shape[1] != data.num_classes:
-        raise ConfigError(
-            key, f"the model gives {tuple(out.shape[1:])} outputs, the data has {data.num_classes} classes", source
-        )
+def load_script(path: Path, key: str, source: str) -> torch.jit.ScriptModule:
+    """A TorchScript file; one that is not is bad input, said in one line."""
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ConfigError(key, f"{path.name} is not a TorchScript file ({first_line(exc, 120)})", source) from None
+
+
+def check_fits(model: nn.Module, label: str, fit: DataFit, key: str, source: str, builder: str = "") -> None:
+    """The model must take the data's images and give one logit per class; else why not, in one line (see
+    :mod:`kdpipe.ml.model_fit`). ``builder`` is the model's name when it says what built it (``python:``)."""
+    problem = fit_problem(model, label, fit, builder_hints(builder))
+    if problem:
+        raise ConfigError(key, problem, source)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdpipe.config import LoadedConfig, TeacherConfig
 from kdpipe.errors import ConfigError, UsageError
-from kdpipe.ml.entrypoints import PYTHON_PREFIX, parse_entrypoint, source_file
+from kdpipe.ml.entrypoints import PYTHON_PREFIX, model_label, parse_entrypoint, source_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,6 +59,7 @@ class TeacherBuild:
 
 def build_teacher(cfg: LoadedConfig, num_classes: int, input_shape: tuple[int, ...]) -> TeacherBuild:
     """The teacher model (weights loaded when a file gives them), seeded by the caller."""
+    from kdpipe.ml.model_fit import DataFit
     from kdpipe.ml.models import load_into, load_state_dict_file
     from kdpipe.ml.zoo import create_model
 
@@ -78,7 +79,8 @@ def build_teacher(cfg: LoadedConfig, num_classes: int, input_shape: tuple[int, .
     path = weights_path(cfg)
     if path is not None:
         state = load_state_dict_file(path, "teacher.path", conf.allow_pickle, cfg.source)
-        load_into(model, state, "teacher.path", arch, cfg.source)
+        fit = DataFit.of(cfg.config.data, input_shape, num_classes)
+        load_into(model, state, "teacher.path", model_label(arch), cfg.source, fit, path.name)
     return TeacherBuild(model, arch, dict(conf.kwargs), loaded=path is not None)
 
 

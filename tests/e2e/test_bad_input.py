@@ -126,17 +126,160 @@ def test_truncated_dataset_file_through_the_cli(project, capsys):
     ],
 )
 def test_problems_found_before_the_first_stage(project, capsys, monkeypatch, extra, names):
-    from kdpipe.stages import STAGES
     from tests.conftest import deep_merge
+
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, extra)))
+    assert_refused_before_any_stage(project, capsys, monkeypatch, *names)
+
+
+def assert_refused_before_any_stage(project: Path, capsys, monkeypatch, *names: str) -> None:
+    """``kdpipe run`` exits 2 with one line naming ``names``; no stage ran and nothing is in the cache."""
+    from kdpipe.stages import STAGES
 
     ran = []
     for name in STAGES:
         monkeypatch.setattr(STAGES.get(name), "run", lambda self, ctx, _n=name: ran.append(_n))
-    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, extra)))
     code, err = run_cli(capsys, "run")
     assert_one_line_exit_2(code, err, *names)
     assert ran == []
+    assert not [p for p in (project / ".kdpipe").glob("*/*") if not p.name.startswith(".")]
     assert not (project / "kdpipe-out").exists()
+
+
+USER_MODELS = """
+from torch import nn
+
+
+def head(width, classes):
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes)]
+
+
+def rgb_stem():  # the issue's teacher: a stem hard-coded for RGB, no arguments taken
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), *head(16, 4))
+
+
+def ten_classes(in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3), nn.ReLU(), *head(16, 10))
+
+
+def no_pool(in_channels, num_classes):
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3), nn.ReLU(), nn.Conv2d(16, num_classes, 1))
+
+
+def raises(num_classes):
+    raise ValueError("width must be even")
+
+
+def not_a_model():
+    return 42
+"""
+PY = {"source": "python"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        (
+            {"teacher": {**PY, "entrypoint": "models.py:rgb_stem"}},
+            ("teacher.entrypoint: models.py:rgb_stem expects 3 input channels; the data has 1",
+             "set data.synthetic.channels: 3", "take in_channels and build the stem from it"),
+        ),
+        (
+            {"distill": {"student": "python:models.py:rgb_stem"}},
+            ("distill.student: models.py:rgb_stem expects 3 input channels; the data has 1",),
+        ),
+        (
+            {"teacher": {**PY, "entrypoint": "models.py:ten_classes"}},
+            ("teacher.entrypoint: models.py:ten_classes gives 10 logits per image; the data has 4 classes",),
+        ),
+        (
+            {"distill": {"student": "python:models.py:no_pool", "method": "kd"}},
+            ("distill.student: models.py:no_pool gives outputs of shape (2, 4, 10, 10)", "not (2, 4) class logits"),
+        ),
+        (
+            {"teacher": {**PY, "entrypoint": "models.py:raises"}},
+            ("teacher.entrypoint: models.py:raises(num_classes=4) raised ValueError: width must be even",),
+        ),
+        (
+            {"teacher": {**PY, "entrypoint": "models.py:not_a_model"}},
+            ("teacher.entrypoint: models.py:not_a_model() returned an int, not a torch.nn.Module",),
+        ),
+        (
+            {"teacher": {**PY, "entrypoint": "syntax_error.py:build"}},
+            ("teacher.entrypoint: entry point 'syntax_error.py:build': importing syntax_error.py raised SyntaxError",),
+        ),
+        (
+            {"distill": {"student": "python:import_error.py:build"}},
+            ("distill.student: entry point 'import_error.py:build'", "No module named 'not_installed_anywhere'"),
+        ),
+        (
+            {"teacher": {"arch": "timm:test_vit", "kwargs": {"patch_size": 5}}},
+            ("teacher.arch: timm:test_vit fails on a zero batch of 1×12×12 images", "divisible by patch size (5)"),
+        ),
+        (
+            {"distill": {"student": "timm:resnet10t", "student_kwargs": {"in_chans": 3}}},
+            ("distill.student: timm:resnet10t: 'in_chans' comes from the data (1)",),
+        ),
+    ],
+    ids=["teacher-stem", "student-stem", "classes", "output-shape", "raises", "not-a-module", "syntax", "import",
+         "timm-patch", "timm-in-chans"],
+)  # fmt: skip
+def test_user_models_that_cannot_take_the_data(project, capsys, monkeypatch, extra, names):
+    from tests.conftest import deep_merge
+
+    (project / "models.py").write_text(USER_MODELS)
+    (project / "syntax_error.py").write_text("def build(:\n    pass\n")
+    (project / "import_error.py").write_text("import not_installed_anywhere\n")
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, extra)))
+    assert_refused_before_any_stage(project, capsys, monkeypatch, *names)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "names"),
+    [
+        (
+            {"source": "checkpoint", "path": "ten.pt"},
+            ("teacher.path: ten.pt (tiny_cnn_wide) holds a classifier for 10 classes", "the data has 4 classes"),
+        ),
+        (
+            {"source": "checkpoint", "path": "rgb.pt"},
+            ("teacher.path: rgb.pt (tiny_cnn_wide) was trained on 3-channel images", "the data has 1"),
+        ),
+        ({"source": "torchscript", "path": "ten.ts"}, ("teacher.path: ten.ts gives 10 logits per image",)),
+        ({"source": "torchscript", "path": "rgb.ts"}, ("teacher.path: rgb.ts expects 3 input channels",)),
+    ],
+    ids=["checkpoint-classes", "checkpoint-stem", "torchscript-classes", "torchscript-stem"],
+)
+def test_a_loaded_teacher_made_for_other_data(project, capsys, monkeypatch, teacher, names):
+    import torch
+
+    from kdpipe.ml.zoo import create_model
+    from tests.conftest import deep_merge
+
+    for name, classes, channels in (("ten", 10, 1), ("rgb", 4, 3)):
+        model = create_model("tiny_cnn_wide", num_classes=classes, in_channels=channels).eval()
+        torch.save(model.state_dict(), project / f"{name}.pt")
+        torch.jit.save(torch.jit.trace(model, torch.zeros(1, channels, 12, 12)), project / f"{name}.ts")
+    distill = {"method": "kd"}  # SimKD refuses a TorchScript teacher for its own reason
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, {"teacher": teacher, "distill": distill})))
+    assert_refused_before_any_stage(project, capsys, monkeypatch, *names)
+
+
+def test_where_only_the_data_tells_the_shape_the_teacher_stage_refuses_before_training(project, capsys, monkeypatch):
+    from kdpipe import preflight
+    from kdpipe.stages import STAGES
+
+    trained = []
+    monkeypatch.setattr(preflight, "data_shape", lambda cfg: None)  # as for WebDataset shards
+    monkeypatch.setattr(STAGES.get("teacher"), "train", lambda self, ctx, model: trained.append(model))
+    (project / "models.py").write_text(USER_MODELS)
+    (project / "pipeline.yaml").write_text(
+        yaml.safe_dump({**TINY, "teacher": {**PY, "entrypoint": "models.py:rgb_stem"}})
+    )
+    code, err = run_cli(capsys, "run")
+    assert_one_line_exit_2(code, err, "teacher.entrypoint: models.py:rgb_stem expects 3 input channels")
+    assert trained == []
+    assert not [p for p in (project / ".kdpipe" / "teacher").glob("*") if not p.name.startswith(".")]
 
 
 def test_command_line_gate_naming_an_unknown_model(project, capsys):

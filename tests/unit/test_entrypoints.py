@@ -83,7 +83,7 @@ def test_the_source_bytes_are_the_fingerprint(models_py):
         ("models.py", r"must look like FILE.py:FUNCTION or package.module:FUNCTION"),
         ("nope.py:f", r"file not found: .*nope.py"),
         ("models.py:missing", r"models.py has no function 'missing' \(it has: .*build_student"),
-        ("models.py:not_a_model", r"returned a int, not a torch.nn.Module"),
+        ("models.py:not_a_model", r"returned an int, not a torch.nn.Module"),
         ("models.py:broken", r"raised RuntimeError: out of ideas"),
         ("no_such_pkg_x.models:f", r"module 'no_such_pkg_x.models' cannot be found"),
     ],

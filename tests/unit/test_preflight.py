@@ -84,6 +84,10 @@ def test_command_line_gates_and_baseline_models(tmp_path):
 
 
 def test_torchscript_teacher_with_kd_passes(tmp_path):
+    from kdpipe.ml.zoo import create_model
+
+    model = create_model("tiny_cnn_wide", num_classes=4, in_channels=1).eval()
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, 12, 12)), tmp_path / "t.ts")  # it is loaded and run
     pf.preflight(
         cfg_of(tmp_path, {"teacher": {"source": "torchscript", "path": "t.ts"}, "distill": {"method": "kd"}}), ALL
     )
@@ -138,3 +142,35 @@ def test_a_baseline_report_that_cannot_be_compared(tmp_path, baseline, expected)
         pf.preflight(cfg_of(tmp_path), ALL, baseline={"schema_version": 1, "models": baseline})
     good = {"student": {"accuracy": {"top1": 0.9}, "latency": {"batch_1": {"round_p50_ms": [1.0, 1.1]}}}}
     pf.preflight(cfg_of(tmp_path), ALL, baseline={"schema_version": 1, "models": good})
+
+
+STEMS = """
+from torch import nn
+
+
+def stem(channels, in_channels=None):
+    return nn.Sequential(nn.Conv2d(channels, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+"""
+
+
+@pytest.mark.parametrize(
+    ("data", "wants", "suggested"),
+    [
+        ({"dataset": "fashion_mnist"}, 3, "(build the stem from in_channels)"),  # its channels are fixed
+        ({"dataset": "imagefolder", "root": "photos", "channels": 1}, 3, "(set data.channels: 3 or build the stem"),
+        ({"dataset": "imagefolder", "root": "photos", "channels": 1}, 4, "(build the stem from in_channels)"),
+        ({"dataset": "synthetic", "synthetic": {"channels": 3}}, 1, "(set data.synthetic.channels: 1 or build"),
+    ],
+    ids=["fashion_mnist", "imagefolder", "imagefolder-4", "synthetic"],
+)
+def test_a_stem_for_other_channels_suggests_only_settings_the_dataset_has(tmp_path, data, wants, suggested):
+    from tests.image_data import make_imagefolder
+
+    make_imagefolder(tmp_path / "photos", train=2, test=1, size=12)
+    (tmp_path / "models.py").write_text(STEMS)
+    teacher = {"source": "python", "entrypoint": "models.py:stem", "kwargs": {"channels": wants}}
+    message = problem(tmp_path, {"data": data, "teacher": teacher}, stale={"teacher"})
+    have = data.get("channels") or data.get("synthetic", {}).get("channels") or 1
+    channels = "1 input channel" if wants == 1 else f"{wants} input channels"
+    assert message.startswith(f"teacher.entrypoint: models.py:stem expects {channels}; the data has {have}"), message
+    assert suggested in message, message

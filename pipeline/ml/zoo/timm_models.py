@@ -65,6 +65,9 @@ def timm_model(
             raise UsageError(
                 f"timm:{arch}: '{key}' is not accepted; kdpipe never downloads weights: give a local file in path"
             )
+    for key, value in (("num_classes", num_classes), ("in_chans", in_channels)):
+        if key in kw:
+            raise UsageError(f"timm:{arch}: '{key}' comes from the data ({value}); drop it from the kwargs")
     if image_size and "img_size" not in kw and fixed_input_size(arch):
         kw["img_size"] = image_size
     try:
