@@ -1,41 +1,59 @@
 """How much does kdpipe's benchmark harness add to the latency it reports, versus a bare timing loop?
 
-Exports a small CNN (the zoo's ``resnet8`` when ``pipeline`` imports, else a 3-conv net) for 1x28x28 inputs to ONNX in
-a temp dir, then alternates, in one process and on the same file:
+Exports a small CNN (the zoo's ``resnet8`` when ``kdpipe`` imports, else a 3-conv net) for 1x28x28 inputs to ONNX in
+a temp dir, then compares, in one process and on the same file, two figures for the same model, input and session
+options (batch size 1, 1 intra-op and 1 inter-op thread, all graph optimisations):
 
-(a) a bare loop: ``t0 = perf_counter_ns(); sess.run(None, feed); lat.append(...)``, N calls;
-(b) ``exporters/edge_runner.py``'s in-process :func:`measure_cell`, with the same session options, batch size 1,
-    1 thread, warmup and number of calls.
+bare     a fresh session, the runner's untimed first run plus ``--warmup`` runs, then ``--calls`` timed calls of
+         ``t0 = perf_counter_ns(); sess.run(None, feed); lat.append(...)``; the figure is their p50;
+harness  the p50 that ``kdpipe.edge.runner.measure_cell`` (what the benchmark stage runs in each cell) reports for
+         exactly ``--calls`` timed calls in ``--harness-rounds`` rounds, with the same warmup: its own session, its
+         own input, its own loop and bookkeeping.
 
-The order flips every alternation (a,b then b,a) so that drift on the machine hits both alike. Each side's figure is
-the median over alternations of its per-alternation p50. The last line printed is ``overhead p50 = X.X%``.
+On a shared machine a single pair of figures swings by tens of percent (another process takes the core for a second),
+so the figure is built to hold still:
 
-    python benchmarks/harness_overhead.py [--calls 2000] [--alternations 6] [--warmup 50] [--rounds 10]
+* threads are pinned to 1 (OMP/MKL/OpenBLAS, torch and the sessions); one untimed pair warms the process up, and
+  the objects alive then are frozen out of the garbage collector, which runs (cheaply) before every measurement;
+* the measurements are interleaved in ``--rounds`` rounds; within a round each side is measured ``--k`` times in
+  alternating order (bare, harness, harness, bare, ...; the next round starts with the other side), and a side's
+  figure for the round is the minimum of its ``k`` p50s: load from elsewhere only ever adds time, so the minimum is
+  the least disturbed figure and both sides had the same chances at it;
+* each round gives one ratio harness/bare, measured seconds apart under the same load; the result is the median of
+  the round ratios with a seeded bootstrap 95% interval (resampling rounds).
+
+The last line printed is ``overhead p50 = X.X% (95% CI a..b)``, in percent of the bare p50.
+
+    python benchmarks/harness_overhead.py [--rounds 41] [--k 5] [--calls 200] [--warmup 50] [--harness-rounds 10]
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import tempfile
-import time
-import warnings
-from pathlib import Path
+import os
 
-import numpy as np
-import onnxruntime as ort
-import torch
-from torch import nn
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # before numpy and torch load
+    os.environ[_var] = "1"
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kdpipe.edge.runner import measure_cell
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from kdpipe.edge.runner import measure_cell  # noqa: E402
 
 INPUT_SHAPE = (1, 28, 28)
 
 
 def small_cnn() -> tuple[str, nn.Module]:
-    """The zoo's resnet8 when kdpipe's ``pipeline`` package is importable, else a plain 3-conv net."""
+    """The zoo's resnet8 when kdpipe's model zoo is importable, else a plain 3-conv net."""
     torch.manual_seed(0)
     try:
         from kdpipe.ml.zoo import create_model
@@ -88,38 +106,82 @@ def harness_p50(path: Path, calls: int, warmup: int, rounds: int) -> float:
     return result["p50_ms"]
 
 
+def one_round(index: int, k: int, measure: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """``k`` p50s per side, in alternating order; round ``index`` starts with bare when even, harness when odd."""
+    order = ["bare", "harness"] if index % 2 == 0 else ["harness", "bare"]
+    figures: dict[str, list[float]] = {"bare": [], "harness": []}
+    for j in range(k):
+        for side in order if j % 2 == 0 else order[::-1]:
+            gc.collect()  # the same clean start for both sides, outside any timing
+            figures[side].append(measure[side]())
+    return figures
+
+
+def bootstrap_median(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """A seeded percentile-bootstrap 95% interval for the median of ``values``."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(values, size=(resamples, values.size), replace=True), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def pct(ratio: float) -> float:
+    return round(100 * (ratio - 1), 1) + 0.0  # + 0.0: no "-0.0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="timed calls per side and alternation")
-    parser.add_argument("--alternations", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=10, help="the harness's rounds; must divide --calls")
+    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds: one harness/bare ratio each")
+    parser.add_argument("--k", type=int, default=5, help="measurements per side and round; the round keeps the min")
+    parser.add_argument("--calls", type=int, default=200, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed calls per measurement, after the first")
+    parser.add_argument("--harness-rounds", type=int, default=10, help="measure_cell's rounds; must divide --calls")
+    parser.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     args = parser.parse_args()
-    if args.calls % args.rounds:
-        parser.error("--rounds must divide --calls, so that both sides time the same number of calls")
+    if args.calls % args.harness_rounds:
+        parser.error("--harness-rounds must divide --calls, so that both sides time the same number of calls")
+    if args.rounds < 2 or args.k < 1:
+        parser.error("--rounds must be at least 2 and --k at least 1")
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
         name, model = small_cnn()
         path = Path(tmp) / "model.onnx"
         export(model, path)
-        print(f"model: {name}, batch 1, 1 thread, {args.calls} calls x {args.alternations} alternations")
-        bare, harness = [], []
-        for i in range(args.alternations):
-            sides = [("bare", bare), ("harness", harness)]
-            for side, values in sides if i % 2 == 0 else sides[::-1]:
-                if side == "bare":
-                    values.append(bare_p50(path, args.calls, args.warmup))
-                else:
-                    values.append(harness_p50(path, args.calls, args.warmup, args.rounds))
-            print(f"  alternation {i + 1}: bare p50 {bare[-1]:.4f} ms, harness p50 {harness[-1]:.4f} ms")
+        measure = {
+            "bare": lambda: bare_p50(path, args.calls, args.warmup),
+            "harness": lambda: harness_p50(path, args.calls, args.warmup, args.harness_rounds),
+        }
+        print(
+            f"model: {name}, batch 1, 1 thread; {args.rounds} rounds x {args.k} measurements per side x "
+            f"{args.calls} calls (warmup {args.warmup}); the round keeps each side's min p50"
+        )
+        one_round(0, 1, measure)  # warm-up pair, not counted: imports, allocator, caches
+        gc.collect()
+        gc.freeze()  # torch's many objects out of the collector's way: a collection between measurements is cheap
+        bare, harness, ratios = [], [], []
+        started = time.perf_counter()
+        for i in range(args.rounds):
+            figures = one_round(i, args.k, measure)
+            bare.append(min(figures["bare"]))
+            harness.append(min(figures["harness"]))
+            ratios.append(harness[-1] / bare[-1])
+            print(
+                f"  round {i + 1:2d}: bare p50 {bare[-1]:.4f} ms, harness p50 {harness[-1]:.4f} ms, "
+                f"ratio {ratios[-1]:.4f} (bare p50s {' '.join(f'{v:.4f}' for v in figures['bare'])}; "
+                f"harness {' '.join(f'{v:.4f}' for v in figures['harness'])})"
+            )
+        seconds = time.perf_counter() - started
 
-    p50_bare, p50_harness = statistics.median(bare), statistics.median(harness)
-    print(f"bare    p50 = {p50_bare:.4f} ms")
-    print(f"harness p50 = {p50_harness:.4f} ms")
-    print(f"ratio harness/bare = {p50_harness / p50_bare:.4f}")
-    overhead = round(100 * (p50_harness / p50_bare - 1), 1) + 0.0  # + 0.0: no "-0.0%"
-    print(f"overhead p50 = {overhead:.1f}%")
+    r = np.asarray(ratios)
+    low, high = bootstrap_median(r, args.resamples, args.seed)
+    median = float(np.median(r))
+    print(f"{args.rounds} rounds in {seconds:.0f} s")
+    print(f"bare    p50 = {float(np.median(bare)):.4f} ms (median of round minima)")
+    print(f"harness p50 = {float(np.median(harness)):.4f} ms (median of round minima)")
+    print(f"ratio harness/bare per round: median {median:.4f}, min {r.min():.4f}, max {r.max():.4f}")
+    print(f"overhead p50 = {pct(median):.1f}% (95% CI {pct(low):.1f}..{pct(high):.1f})")
 
 
 if __name__ == "__main__":
