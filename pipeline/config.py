@@ -310,7 +310,8 @@ class FeaturesConfig(Section):
     )
 
 
-DistillMethod = Literal["simkd", "kd", "fitnet", "scratch"]  # = DISTILLERS' names (a test keeps them equal)
+# = DISTILLERS' names (a test keeps them equal)
+DistillMethod = Literal["simkd", "kd", "fitnet", "scratch", "crd", "crd_kd", "dkd", "zipf_ls"]
 Variant = Literal[
     "optimized", "fp16", "int8_dynamic", "int8_static", "int8_fallback", "qad_int8"
 ]  # = exporters.variants.VARIANTS' names
@@ -328,6 +329,62 @@ class KDConfig(Section):
 class FitNetConfig(Section):
     beta: float = Field(
         100.0, ge=0, description="Weight of the hint loss (MSE of the regressed student map vs the teacher map)."
+    )
+
+
+class CRDConfig(Section):
+    """CRD (Tian et al., ICLR 2020); defaults are the paper's."""
+
+    embed_dim: int = Field(
+        128, ge=1, description="Size of the two embeddings (a linear map of the pooled last features, L2-normalised)."
+    )
+    negatives: int = Field(
+        16384,
+        gt=0,
+        description="Negatives drawn per image from the memory (uniformly among the other training images); must be "
+        "below the training split's size.",
+    )
+    temperature: float = Field(0.07, gt=0, description="Temperature of the contrastive (NCE) scores.")
+    momentum: float = Field(
+        0.5, ge=0, lt=1, description="Memory update: row = normalise(momentum * row + (1 - momentum) * embedding)."
+    )
+    beta: float = Field(0.8, ge=0, description="Weight of the CRD term; the cross-entropy with the labels gets 1.")
+    kd_weight: float = Field(
+        1.0,
+        ge=0,
+        description="crd_kd only: weight of KD's soft term T²·KL(teacher ‖ student) at kd_temperature.",
+    )
+    kd_temperature: float = Field(4.0, gt=0, description="crd_kd only: temperature T of KD's soft term.")
+
+
+class DKDConfig(Section):
+    """DKD (Zhao et al., CVPR 2022); defaults are the paper's CIFAR-100 ones."""
+
+    alpha: float = Field(1.0, ge=0, description="Weight of TCKD, the target-vs-rest (binary) KL term.")
+    beta: float = Field(8.0, ge=0, description="Weight of NCKD, the KL among the non-target classes.")
+    temperature: float = Field(4.0, gt=0, description="Temperature of both terms; they are scaled by T².")
+    warmup: int = Field(
+        20,
+        ge=0,
+        description="Epochs over which the distillation terms ramp up linearly (weight min(1, epoch / warmup), epoch "
+        "counted from 1); 0: full weight from the start. At most distill.train.epochs.",
+    )
+
+
+class ZipfConfig(Section):
+    """Zipf's label smoothing (Liang et al., ECCV 2022); defaults are the authors' CIFAR recipe."""
+
+    weight: float = Field(
+        0.1, ge=0, description="Weight of the KL between the Zipf target and the student's non-target distribution."
+    )
+    power: float = Field(1.0, gt=0, description="Zipf exponent: the target of the class ranked r is ∝ 1 / r^power.")
+    rank: Literal["dense", "logits"] = Field(
+        "dense",
+        description="What ranks the classes: dense, votes of the classifier applied at every position of the "
+        "student's last feature map (the paper's); logits, the student's own logits.",
+    )
+    only_correct: bool = Field(
+        False, description="Apply the Zipf term only to images the student already classifies correctly."
     )
 
 
@@ -360,6 +417,13 @@ class DistillConfig(Section):
     kd: KDConfig = Field(default_factory=KDConfig, description="Settings of method kd (used when kd is trained).")
     fitnet: FitNetConfig = Field(
         default_factory=FitNetConfig, description="Settings of method fitnet (used when fitnet is trained)."
+    )
+    crd: CRDConfig = Field(
+        default_factory=CRDConfig, description="Settings of methods crd and crd_kd (used when either is trained)."
+    )
+    dkd: DKDConfig = Field(default_factory=DKDConfig, description="Settings of method dkd (used when dkd is trained).")
+    zipf: ZipfConfig = Field(
+        default_factory=ZipfConfig, description="Settings of method zipf_ls (used when zipf_ls is trained)."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe of the student.")
 

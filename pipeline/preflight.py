@@ -80,6 +80,8 @@ def preflight(
         check_providers(cfg)
     if "export" in stale:
         check_variants(cfg)
+    if "distill" in stale:
+        check_crd_memory(cfg)
     if stale & {"teacher", "features", "distill"}:
         check_models(cfg, stale)
 
@@ -304,6 +306,26 @@ def _cut(split_model: Any, model: Any, example: Any, node: str | None, key: str,
     except UsageError as exc:
         message = str(exc).removeprefix(f"{key}: ")
         raise ConfigError(key, message, cfg.source) from None
+
+
+def check_crd_memory(cfg: LoadedConfig) -> None:
+    """CRD draws ``distill.crd.negatives`` other training images per image from its memory: the training split
+    must hold more than that. Sized from the config (and an image dataset's file list); WebDataset shards are only
+    counted when the distill stage lists them, and its CRD build makes the same check."""
+    distill = cfg.config.distill
+    if not {"crd", "crd_kd"} & {distill.method, *distill.compare}:
+        return
+    shape = data_shape(cfg)
+    if shape is None or not shape.train_images:
+        return
+    images = _training_images(cfg, shape.train_images)
+    if distill.crd.negatives >= images:
+        raise ConfigError(
+            "distill.crd.negatives",
+            f"{distill.crd.negatives} negatives per image need more training images than that; the training split "
+            f"has {images} (lower distill.crd.negatives)",
+            cfg.source,
+        )
 
 
 def _training_images(cfg: LoadedConfig, total: int) -> int:

@@ -1,6 +1,6 @@
 """distill: train the student against the frozen teacher and save the deployable student.
 
-The method (``distill.method``: simkd, kd, fitnet, scratch; see ``stages/distillers/``) builds the
+The method (``distill.method``: one file each in ``stages/distillers/``) builds the
 student and its loss; this stage feeds it the teacher signals it asks for per batch and trains it with
 the shared loop (resume from the work dir, selection on val). The signals come from the features stage's
 cache when ``features.enabled`` (every method then trains on its precomputed augmented views), otherwise
@@ -45,10 +45,14 @@ class DistillStage(Stage):
         for method, key in (("kd", "kd"), ("fitnet", "fitnet"), ("simkd", "factor")):
             if method not in used:
                 conf.pop(key, None)
+        for key, readers in (("crd", {"crd", "crd_kd"}), ("dkd", {"dkd"}), ("zipf", {"zipf_ls"})):
+            if not used & readers:
+                conf.pop(key, None)
         return self.training_config(cfg, section)
 
     def check(self, cfg: LoadedConfig) -> None:
         check_model_name(cfg, "distill.student", cfg.config.distill.student)
+        check_warmup(cfg)
 
     def data_parallel(self, cfg: LoadedConfig) -> bool:
         return True
@@ -80,7 +84,7 @@ class DistillStage(Stage):
         data, splits = ctx.data()
         methods = {m: DISTILLERS.get(m)() for m in dict.fromkeys([conf.method, *conf.compare])}
         teacher, tspec = load_teacher(ctx.inputs["teacher"])
-        info = DataInfo(data.num_classes, tuple(data.input_shape), list(data.classes))
+        info = DataInfo(data.num_classes, tuple(data.input_shape), list(data.classes), splits.train_idx)
         split = None
         need_features = [d for d in methods.values() if "features" in d.signals]
         if need_features:
@@ -113,6 +117,7 @@ class DistillStage(Stage):
                 row = {
                     "method": method,
                     "deployed": main,
+                    "uses_teacher": bool(distiller.signals),
                     "val_top1": result["best_val_top1"],
                     "test_top1": accuracy(logits, data.test_y),
                     "delta_vs_scratch": None,
@@ -257,3 +262,15 @@ def check_size(ctx: StageContext, distiller: Distiller, built: Built, teacher_si
     if conf.require_smaller:
         raise ConfigError("distill.require_smaller", message, ctx.cfg.source)
     ctx.log(f"warning: distill.student: {message}")
+
+
+def check_warmup(cfg: LoadedConfig) -> None:
+    """DKD's warm-up must end within the run: longer, its distillation terms never reach their weight."""
+    conf = cfg.config.distill
+    if "dkd" in (conf.method, *conf.compare) and conf.dkd.warmup > conf.train.epochs:
+        raise ConfigError(
+            "distill.dkd.warmup",
+            f"{conf.dkd.warmup} warm-up epochs, but distill.train.epochs is {conf.train.epochs}: the distillation "
+            "terms would never reach full weight; set dkd.warmup <= the epochs (the paper: 20 of 240)",
+            cfg.source,
+        )

@@ -204,20 +204,23 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
 @dataclass
 class Batch:
     """One training batch: normalised images, labels, their dataset indices and (with cached teacher
-    features) which precomputed augmented view of each image this is."""
+    features) which precomputed augmented view of each image this is; ``epoch`` (0-based) is set by the training
+    loop, for losses scheduled over epochs (DKD's warm-up)."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
     view: torch.Tensor | None = None
     local: bool = False  # already this rank's share (streamed batches are read per rank)
+    epoch: int = 0
 
     def shard(self, rank: int, size: int) -> Batch:
         """This rank's share of a global batch (data-parallel training)."""
         if self.local:
             return self
         part = slice(rank, None, size)
-        return Batch(self.x[part], self.y[part], self.index[part], None if self.view is None else self.view[part])
+        view = None if self.view is None else self.view[part]
+        return Batch(self.x[part], self.y[part], self.index[part], view, epoch=self.epoch)
 
     def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
         return Batch(
@@ -226,6 +229,7 @@ class Batch:
             self.index,
             self.view,
             self.local,
+            self.epoch,
         )
 
 

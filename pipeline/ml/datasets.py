@@ -94,12 +94,42 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), epoch_seed) for i in self._order()])
 
 
+class ShardRows:
+    """Each training sample's row in the training split, by shard and key: rows count the training samples in
+    listing order (shard by shard, each in tar order), as the split's labels are listed. A streamed shard batch
+    carries these as its images' indices (what methods that keep state per image, like CRD, index by)."""
+
+    def __init__(self, table: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.table = table  # shard path -> (its training keys, sorted; their rows)
+
+    @classmethod
+    def of(cls, listed: list[tuple[Path, list[str]]], training: np.ndarray) -> ShardRows:
+        """From each shard's keys in listing order and which samples of that whole listing are training ones."""
+        table, row, start = {}, 0, 0
+        for path, keys in listed:
+            names = np.array([k.encode() for k in keys], dtype=bytes)
+            mine = names[training[start : start + len(keys)]]
+            start += len(keys)
+            order = np.argsort(mine, kind="stable")
+            table[str(path)] = (mine[order], np.arange(row, row + len(mine))[order])
+            row += len(mine)
+        return cls(table)
+
+    def row(self, shard: str, key: str) -> int:
+        """The sample's row, or -1 (not a training sample)."""
+        keys, rows = self.table.get(shard, (np.array([], dtype=bytes), np.array([], dtype=np.int64)))
+        name = key.encode()
+        i = int(np.searchsorted(keys, name))
+        return int(rows[i]) if i < len(keys) and keys[i] == name else -1
+
+
 class ShardImages(torch.utils.data.IterableDataset):
     """Samples of WebDataset tar shards: an image member (jpg/png/...) and a ``cls`` label.
 
     Shards are shuffled per epoch (seeded), then split first across data-parallel ranks and then across
     loader workers, so each process reads its own shards. ``keep`` selects samples by the stable hash of
-    their key: the held-out validation part of the training shards, or the rest.
+    their key: the held-out validation part of the training shards, or the rest. With ``rows`` an item's index is
+    the sample's row in the training split (else -1).
     """
 
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -116,10 +146,12 @@ class ShardImages(torch.utils.data.IterableDataset):
         rank: int = 0,
         size: int = 1,
         keep: tuple[int, float, bool] | None = None,
+        rows: ShardRows | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.geo, self.transform, self.draft = shards, geo, transform, draft
         self.seed, self.shuffle, self.rank, self.size, self.keep = seed, shuffle, rank, size, keep
+        self.rows = rows
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,4 +200,5 @@ class ShardImages(torch.utils.data.IterableDataset):
                 source, label, index, self.geo, self.transform, self.draft,
                 sample_seed(epoch_seed, 0, index) if self.shuffle else None,
             )  # fmt: skip
-            yield x, label, -1, f"{name}: {err}" if err else ""
+            row = self.rows.row(sample.get("__url__", ""), key) if self.rows is not None else -1
+            yield x, label, row, f"{name}: {err}" if err else ""

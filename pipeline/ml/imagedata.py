@@ -20,7 +20,7 @@ from kdpipe.config import FILE_DATASETS, LoadedConfig
 from kdpipe.errors import UsageError
 from kdpipe.ml import filelists, sources
 from kdpipe.ml.data import KNOWN_STATS, Dataset, Splits, load_dataset, make_splits
-from kdpipe.ml.datasets import ImageFiles
+from kdpipe.ml.datasets import ImageFiles, ShardRows
 from kdpipe.ml.loaders import BadImages, LazyImages, Loaders, StreamData, StreamSplits
 from kdpipe.ml.recipes import channel_stats, eval_transform, geometry, train_transform
 
@@ -186,18 +186,22 @@ def _open_shards(cfg: LoadedConfig) -> tuple[Any, Any]:
     }
     labels: dict[str, np.ndarray] = {}
     keys: dict[str, np.ndarray] = {}
+    listed: list[tuple[Any, list[str]]] = []  # the training shards' keys, shard by shard
     for split, paths in shards.items():
         k, y = [], []
         for p in paths:
             a, b = filelists.shard_index(p)
             k += a
             y += b
+            if split == "train":
+                listed.append((p, a))
         keys[split], labels[split] = np.array([s.encode() for s in k]), np.array(y, dtype=np.int64)
     top = max(int(v.max()) for v in labels.values() if len(v))
     classes = list(conf.classes) if conf.classes else [f"class{i}" for i in range(top + 1)]
     if top >= len(classes) or min(int(v.min()) for v in labels.values() if len(v)) < 0:
         raise UsageError(f"{shards['train'][0]}: labels outside 0..{len(classes) - 1} (data.classes)")
     sources_: dict[str, Any] = {"test": (shards["test"], None)}
+    is_val = np.zeros(len(keys["train"]), dtype=bool)
     if "val" in shards:
         sources_["train"], sources_["val"] = (shards["train"], None), (shards["val"], None)
         val_labels = labels["val"]
@@ -218,6 +222,7 @@ def _open_shards(cfg: LoadedConfig) -> tuple[Any, Any]:
                "val": torch.from_numpy(val_labels)}  # fmt: skip
     transforms = {"eval": eval_transform(conf, geo), "train": train_transform(conf, geo)}
     data = StreamData(conf.dataset, classes, geo, [0.0], [1.0], sources_, tensors, transforms, _loaders(cfg), bad)
+    data.shard_rows = ShardRows.of(listed, ~is_val)
     n = min(STATS_SAMPLE, len(train_labels))
     mean, std, _ = _stats(cfg, lambda: iter([data.train_x[:n]]))
     data.mean, data.std = mean, std

@@ -155,6 +155,7 @@ class StreamData:
         self.train_x = LazyImages(self, "train", self._rows("train"), self.train_y)
         self.test_x = LazyImages(self, "test", self._rows("test"), self.test_y)
         self.val_labels = labels.get("val")  # shards with their own val split
+        self.shard_rows: Any = None  # shards: each training sample's row in the training split (ShardRows)
 
     def _rows(self, split: str) -> np.ndarray | None:
         src = self.sources[split]
@@ -216,8 +217,9 @@ class StreamSplits:
             if self.streamed_train:
                 shards, keep = d.sources["train"]
                 ds = ShardImages(
-                    shards, d.geo, transform, draft, seed=seed, shuffle=True, rank=rank, size=size, keep=keep
-                )
+                    shards, d.geo, transform, draft, seed=seed, shuffle=True, rank=rank, size=size, keep=keep,
+                    rows=d.shard_rows,
+                )  # fmt: skip
                 self._train[key] = (ds, d.loaders.make(ds, batch_size=local))
             else:
                 sampler = EpochSampler(self.train_idx.numpy(), local, seed, rank, size)

@@ -341,6 +341,7 @@ class _Loop:
                     continue
                 batch = batch.shard(rank, size)
             batch = batch.to(job.device, self.fmt)
+            batch.epoch = epoch
             with torch.autocast(job.device.type, dtype=self.amp_dtype, enabled=job.amp):
                 loss = job.loss_fn(batch)
             self.optimizer.zero_grad(set_to_none=True)

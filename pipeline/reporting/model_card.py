@@ -22,6 +22,12 @@ METHODS = {
     "kd": "knowledge distillation (Hinton): cross-entropy with the labels plus KL to the teacher's softened logits",
     "fitnet": "FitNet hints: cross-entropy plus an MSE between regressed student features and the teacher's",
     "scratch": "trained alone with cross-entropy (no teacher)",
+    "crd": "contrastive representation distillation: cross-entropy plus an NCE loss telling the teacher's "
+    "embedding of the same image from those of other training images (kept in a memory)",
+    "crd_kd": "CRD plus KD's soft term (KL to the teacher's softened logits)",
+    "dkd": "decoupled KD: cross-entropy plus the target-class and non-target-class parts of KD's KL, weighted apart",
+    "zipf_ls": "Zipf's label smoothing: cross-entropy plus a KL to a Zipf-shaped target over its own ranked "
+    "non-target classes (no teacher)",
 }
 
 

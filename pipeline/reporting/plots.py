@@ -29,6 +29,10 @@ LOSS_NAMES = {
     "kd": "CE + T²·KL",
     "fitnet": "CE + β·hint MSE",
     "scratch": "cross-entropy",
+    "crd": "CE + β·NCE",
+    "crd_kd": "CE + β·NCE + T²·KL",
+    "dkd": "CE + T²(α·TCKD + β·NCKD)",
+    "zipf_ls": "CE + λ·KL(Zipf ‖ own)",
 }
 
 

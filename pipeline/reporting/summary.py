@@ -154,6 +154,11 @@ def distillation_verdict(report: dict[str, Any]) -> str | None:
         )
     if best is not deployed:
         text += f" Best method in this run: {best['method']} ({pct(best['test_top1'])})."
+    free = [r for r in rows if r.get("uses_teacher") is False and r is not scratch]  # e.g. zipf_ls
+    if free and deployed.get("uses_teacher") is not False:
+        top = max(free, key=lambda r: r["test_top1"])
+        gap = 100 * (deployed["test_top1"] - top["test_top1"])
+        text += f" Against the best teacher-free baseline, {top['method']} {pct(top['test_top1'])}: {gap:+.2f} pp."
     return text
 
 

@@ -7,7 +7,7 @@ export and benchmark never need the teacher file. The stage owns the training lo
 signals (:class:`OnlineTeacher` runs the frozen teacher on every batch), resuming and model selection.
 """
 
-from kdpipe.stages.distillers import fitnet, kd, scratch, simkd  # noqa: F401 - registers the methods
+from kdpipe.stages.distillers import crd, dkd, fitnet, kd, scratch, simkd, zipf  # noqa: F401 - registers the methods
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
     SIGNALS,

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.config import DistillConfig
+from kdpipe.errors import UsageError
+from kdpipe.ml.contract_split import contract_parts
 from kdpipe.ml.data import Batch
 from kdpipe.ml.models import frozen
 from kdpipe.ml.split import Split, split_model
@@ -29,11 +31,14 @@ STUDENT_SPEC = "student.json"
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a student is built for: class count, input shape (C, H, W) and class names."""
+    """What a student is built for: class count, input shape (C, H, W) and class names; ``train_index``, the
+    training split's dataset indices (what ``Batch.index`` holds), for methods that keep state per training
+    image (CRD's memory); None where only the shapes are known (checks before any stage runs)."""
 
     num_classes: int
     input_shape: tuple[int, int, int]
     classes: list[str]
+    train_index: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def in_channels(self) -> int:
@@ -155,6 +160,55 @@ def split_facts(s: Split, t: Split) -> dict[str, Any]:
 
 def split_student(model: nn.Module, data: DataInfo, node: str | None) -> Split:
     return split_model(model, data.example(), node, what="distill.student")
+
+
+def tie(model: nn.Module, *parts: nn.Module, method: str = "this method") -> nn.Module:
+    """Make ``model`` run on the very modules of ``parts`` (its fx split), so training them trains it.
+
+    fx keeps the model's qualified module names in the split's GraphModules, so each module that holds
+    parameters or buffers is put back into ``model`` under its own name; the check makes sure ``model``'s
+    whole state is now the split's.
+    """
+    for part in parts:
+        for name, module in part.named_modules():
+            owns = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if name and owns and type(module) is not nn.Module:
+                model.set_submodule(name, module)
+    mine = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
+    theirs = {k: id(v) for part in parts for k, v in part.state_dict(keep_vars=True).items()}
+    if mine != theirs:
+        raise UsageError(
+            f"distill.student: {method} trains the student through its body/head split, and this model's "
+            "parameters do not all map onto it; use another student or method"
+        )
+    return model
+
+
+def trained_split(
+    student: nn.Module, data: DataInfo, node: str | None, method: str
+) -> tuple[Split, nn.Module, nn.Module]:
+    """The student's split and the body and head that train the student itself (no copy): an fx split is
+    :func:`tie`d back into it, a split through timm's contract is a pair of views on it. For methods that read
+    the student's last feature map and its logits from one forward (FitNet, CRD, Zipf's dense ranks)."""
+    s = split_student(student, data, node)
+    if s.mode == "fx":
+        tie(student, s.body, s.head, method=method)
+        return s, s.body, s.head
+    body, head = contract_parts(student, s.mode)
+    return s, body, head
+
+
+class BodyHead(nn.Module):
+    """The student as its body and head (from :func:`trained_split`: training them trains the student), for methods
+    that read its last feature map and its logits from one forward; subclasses add training-only parts."""
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
 
 
 def teacher_split(teacher: TeacherParts, method: str) -> Split:

@@ -4,7 +4,8 @@
 Conv1x1(C_s→C_t) + BN used only in training, and the larger of the two maps is average-pooled down to the
 smaller (as in SimKD). The student runs once per step: its body's output feeds both the hint and its head.
 The deployable is the plain student; training works on its fx body/head split, which runs on the very
-same modules (see :func:`tie`), so the trained weights are the deployable's without any copying.
+same modules (see :func:`~kdpipe.stages.distillers.base.tie`), so the trained weights are the
+deployable's without any copying.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.config import DistillConfig
-from kdpipe.errors import UsageError
-from kdpipe.ml.contract_split import contract_parts
 from kdpipe.ml.data import Batch
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
+    BodyHead,
     Built,
     DataInfo,
     Distiller,
@@ -26,8 +26,8 @@ from kdpipe.stages.distillers.base import (
     pool,
     spec_shapes,
     split_facts,
-    split_student,
     teacher_split,
+    trained_split,
 )
 
 
@@ -39,39 +39,12 @@ class Regressor(nn.Sequential):
         nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
 
 
-class FitNetTrainer(nn.Module):
+class FitNetTrainer(BodyHead):
     """What FitNet optimises: the student as body + head, plus the training-only regressor."""
 
     def __init__(self, body: nn.Module, head: nn.Module, regressor: Regressor) -> None:
-        super().__init__()
-        self.body = body
-        self.head = head
+        super().__init__(body, head)
         self.regressor = regressor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def tie(model: nn.Module, *parts: nn.Module) -> nn.Module:
-    """Make ``model`` run on the very modules of ``parts`` (its fx split), so training them trains it.
-
-    fx keeps the model's qualified module names in the split's GraphModules, so each module that holds
-    parameters or buffers is put back into ``model`` under its own name; the check makes sure ``model``'s
-    whole state is now the split's.
-    """
-    for part in parts:
-        for name, module in part.named_modules():
-            owns = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-            if name and owns and type(module) is not nn.Module:
-                model.set_submodule(name, module)
-    mine = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
-    theirs = {k: id(v) for part in parts for k, v in part.state_dict(keep_vars=True).items()}
-    if mine != theirs:
-        raise UsageError(
-            "distill.student: FitNet trains the student through its body/head split, and this model's "
-            "parameters do not all map onto it; use another student or method"
-        )
-    return model
 
 
 @DISTILLERS.register()
@@ -82,12 +55,7 @@ class FitNet(Distiller):
 
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
         student = data.create(student_arch, conf.student_kwargs)
-        s = split_student(student, data, conf.student_feature_node)
-        body, head = s.body, s.head
-        if s.mode == "fx":
-            tie(student, body, head)
-        else:  # cut through timm's contract: views on the student itself, so training them trains it
-            body, head = contract_parts(student, s.mode)
+        s, body, head = trained_split(student, data, conf.student_feature_node, self.title)
         t = teacher_split(teacher, self.title)
         spec = {
             **self.base_spec(teacher, student_arch, data, conf),

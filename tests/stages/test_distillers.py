@@ -40,7 +40,8 @@ def _teacher() -> tuple[nn.Module, TeacherParts]:
 
 
 def test_the_config_and_the_registry_name_the_same_methods():
-    assert sorted(typing.get_args(DistillMethod)) == DISTILLERS.names() == sorted(METHODS)
+    every = [*METHODS, "crd", "crd_kd", "dkd", "zipf_ls"]  # the newer ones: tests/stages/test_{crd,dkd,zipf}.py
+    assert sorted(typing.get_args(DistillMethod)) == DISTILLERS.names() == sorted(every)
     conf = DistillConfig()
     assert (conf.method, conf.compare) == ("simkd", [])
     assert (conf.kd.temperature, conf.kd.alpha, conf.fitnet.beta) == (4, 0.9, 100)
@@ -156,7 +157,8 @@ def test_kd_works_with_a_torchscript_teacher_and_feature_methods_say_why_not(wri
 @pytest.mark.parametrize(
     ("distill", "message"),
     [
-        ({"method": "crd"}, r"distill.method: must be one of"),
+        ({"method": "crdd"}, r"distill.method: must be one of"),
+        ({"compare": ["kd", "dkdd"]}, r"distill.compare.1: must be one of .*'dkdd'"),
         ({"compare": ["kd", "kd"]}, r"compare lists 'kd' more than once"),
         ({"kd": {"alpha": 1.5}}, r"distill.kd.alpha: must be <= 1"),
         ({"kd": {"temperature": 0}}, r"distill.kd.temperature: must be > 0"),
