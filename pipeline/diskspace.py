@@ -2,10 +2,14 @@
 
 A full disk used to end a run with a signal (a memory-mapped write into a sparse file faults with
 SIGBUS when the filesystem cannot back the page) or with an error that never said the disk was full.
-Here large artifacts are estimated and checked against free space before they are written, files
-that are written through a memory map get their blocks reserved first (``posix_fallocate``), and
-any ENOSPC, EDQUOT or EROFS becomes :class:`DiskFullError` (exit 2):
-``no space left on device writing FILE (needs ~X, free Y)``. Ground floor: imports no torch.
+Here a run's writes are estimated before any stage runs and checked against the free space of each
+filesystem they land on (:func:`check_run_space`: ``not enough space on /x for this run: needs ~X
+(features A, checkpoints B, ...), free Y``), large artifacts are checked again just before they are
+written (:func:`ensure_space`), files that are written through a memory map get their blocks reserved
+first (``posix_fallocate``), and any ENOSPC, EDQUOT or EROFS becomes :class:`DiskFullError` (exit 2):
+``no space left on device writing FILE (needs ~X, free Y)``. Every estimate keeps a spare proportional to
+it (:func:`spare`: a quarter, at least 4 MiB), never a fixed amount: a few-MB run fits on a nearly full
+disk, a large one is refused with the room it needs. Ground floor: imports no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +25,8 @@ from kdpipe.errors import ConfigError, UsageError
 
 FULL = {errno.ENOSPC, errno.EDQUOT}
 READ_ONLY = {errno.EROFS}
-MARGIN = 1 << 20  # keep a MiB spare: the manifest, reports and logs come after the big files
+MARGIN = 1 << 20  # below a MiB free, a write that failed without saying why is taken for a full disk
+MIN_SPARE = 4 << 20  # the smallest spare kept beyond an estimate: manifests, logs and reports come after
 
 
 class DiskFullError(UsageError):
@@ -37,6 +42,27 @@ class DiskFullError(UsageError):
         figures.append(f"free {human(free)}" if free is not None else "")
         detail = ", ".join(f for f in figures if f)
         super().__init__(f"no space left on device{where}" + (f" ({detail})" if detail else ""))
+
+
+class RunSpaceError(DiskFullError):
+    """A run whose writes will not fit on a filesystem, said before any stage runs: how much each part needs."""
+
+    def __init__(self, where: Path, parts: dict[str, int], free: int):
+        self.path = where
+        total = sum(parts.values())
+        shares = [f"{label} {human(n)}" for label, n in parts.items() if n]
+        detail = ", ".join([*shares, f"spare {human(spare(total))}"])
+        UsageError.__init__(
+            self,
+            f"not enough space on {where} for this run: needs ~{human(total + spare(total))} ({detail}), free "
+            f"{human(free)}; free some space, or point cache_dir and output_dir at a larger disk",
+        )
+
+
+def spare(needs: int) -> int:
+    """The room kept beyond an estimate of ``needs`` bytes: a quarter of it (estimates are give or take), and at
+    least :data:`MIN_SPARE` (the manifests, logs and reports written after the big files)."""
+    return max(MIN_SPARE, needs // 4)
 
 
 def human(n: int | None) -> str:
@@ -67,11 +93,43 @@ def free_bytes(path: Path) -> int | None:
         return None
 
 
+def mount_point(path: Path) -> Path:
+    """The top folder of the filesystem that holds ``path`` (or would hold it)."""
+    path = existing_ancestor(path).resolve()
+    try:
+        while path != path.parent and os.stat(path.parent).st_dev == os.stat(path).st_dev:
+            path = path.parent
+    except OSError:
+        pass
+    return path
+
+
 def ensure_space(path: Path, needs: int) -> None:
-    """Raise :class:`DiskFullError` now if ``needs`` bytes (plus a margin) will not fit where ``path`` goes."""
+    """Raise :class:`DiskFullError` now if ``needs`` bytes (plus its :func:`spare`) will not fit where ``path``
+    goes."""
     free = free_bytes(path)
-    if free is not None and needs + MARGIN > free:
+    if free is not None and needs + spare(needs) > free:
         raise DiskFullError(path, needs, free)
+
+
+def check_run_space(parts: Iterable[tuple[str, Path, int]]) -> None:
+    """Refuse a run whose writes will not fit: ``parts`` are (what, folder it goes into, bytes); they are summed per
+    filesystem (the cache and the output folder may be on different disks) and each sum, plus its :func:`spare`,
+    must fit in that filesystem's free space. Raises :class:`RunSpaceError` naming what needs the space."""
+    groups: dict[int, tuple[Path, dict[str, int]]] = {}
+    for label, folder, size in parts:
+        base = existing_ancestor(folder)
+        try:
+            device = os.stat(base).st_dev
+        except OSError:
+            continue
+        sizes = groups.setdefault(device, (base, {}))[1]
+        sizes[label] = sizes.get(label, 0) + max(0, int(size))
+    for base, sizes in groups.values():
+        total = sum(sizes.values())
+        free = free_bytes(base)
+        if free is not None and total + spare(total) > free:
+            raise RunSpaceError(mount_point(base), sizes, free)
 
 
 def check_writable_dir(path: Path, key: str, source: str | None) -> None:

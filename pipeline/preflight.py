@@ -13,12 +13,15 @@ Top floor: the runner calls :func:`preflight` after planning and before executin
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdpipe.config import GateConfig, LoadedConfig
-from kdpipe.diskspace import check_folder_layout, check_writable_dir, ensure_space
+from kdpipe.diskspace import check_folder_layout, check_run_space, check_writable_dir, existing_ancestor
 from kdpipe.errors import ConfigError, UsageError, describe
 
 #: what each deployment variant needs beyond onnxruntime's core (a trimmed onnxruntime wheel may lack it)
@@ -28,6 +31,10 @@ VARIANT_MODULES = {
     "int8_dynamic": ("onnxruntime.quantization",),
     "int8_static": ("onnxruntime.quantization",),
 }
+#: variants built from the QAD-fine-tuned student (their ``Variant.source``): the export stage trains first
+QAD_VARIANTS = {"qad_int8"}
+GRAPH_BYTES = 1 << 20  # an ONNX file beyond its weights: the graph and metadata (as the export stage estimates)
+REPORT_BYTES = 1 << 20  # report.json, report.md and the model card
 #: (channels, height, width, classes, training images) of the datasets whose shape the config alone fixes
 KNOWN_SHAPES = {
     "fashion_mnist": (1, 28, 28, 10, 60000),
@@ -45,6 +52,18 @@ class Shape:
     width: int
     classes: int
     train_images: int | None
+
+
+@dataclass
+class Sizing:
+    """What the model checks built, kept for the run's disk-space estimate (:func:`check_disk_space`)."""
+
+    #: ``teacher`` and ``student``: the models as the stages will build them (untrained, or the teacher's weights)
+    models: dict[str, Any] = field(default_factory=dict)
+    #: the teacher's last feature map (C, H, W), when the run cuts it
+    feature_shape: tuple[int, ...] | None = None
+    #: each method the distill stage trains: its :class:`~kdpipe.stages.distillers.Built` (deployed and trainable)
+    students: dict[str, Any] = field(default_factory=dict)
 
 
 def data_shape(cfg: LoadedConfig) -> Shape | None:
@@ -68,9 +87,12 @@ def preflight(
     gates: Iterable[GateConfig] = (),
     complete: bool = True,
     baseline: dict[str, Any] | bool = False,
+    entries: dict[str, Path] | None = None,
 ) -> None:
-    """Raise the first problem the stages in ``stale`` (or the gates, when the run is ``complete``) would meet."""
+    """Raise the first problem the stages in ``stale`` (or the gates, when the run is ``complete``) would meet.
+    ``entries``: the cache folders of the stages that are not stale (what the disk-space estimate reads sizes of)."""
     stale = set(stale)
+    sizing = Sizing()
     for key in ("cache_dir", "output_dir"):
         check_writable_dir(getattr(cfg, key), key, cfg.source)
     check_folder_layout(cfg.cache_dir, cfg.output_dir, cfg.path.parent if cfg.path else None, cfg.source)
@@ -83,7 +105,8 @@ def preflight(
     if "distill" in stale:
         check_crd_memory(cfg)
     if stale & {"teacher", "features", "distill"}:
-        check_models(cfg, stale)
+        check_models(cfg, stale, sizing)
+    check_disk_space(cfg, stale, sizing, entries or {})
 
 
 def check_providers(cfg: LoadedConfig) -> None:
@@ -186,17 +209,17 @@ def _gate_problem(
     return None
 
 
-def check_models(cfg: LoadedConfig, stale: set[str]) -> None:
+def check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing | None = None) -> None:
     """Build the untrained teacher and every student the run trains, cut them where the config says (a shape
-    trace on a zero batch), check the method against the teacher's source, and, when the features stage runs,
-    that its feature file fits on the disk. The global RNG is left as it was: the stages seed from it."""
+    trace on a zero batch) and check the method against the teacher's source; what was built goes into ``sizing``
+    (the disk-space estimate's parameter counts). The global RNG is left as it was: the stages seed from it."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
-        _check_models(cfg, stale)
+        _check_models(cfg, stale, Sizing() if sizing is None else sizing)
 
 
-def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
+def _check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
     import torch
 
     from kdpipe.ml.entrypoints import model_label, resolve_model_name
@@ -254,6 +277,7 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
                 continue  # built for placeholder classes/channels: only the name was being checked
             message = f"{model_label(name)} cannot be built for {channels}-channel images of {classes} classes"
             raise ConfigError(key, f"{message}: {describe(exc, limit=200)}", cfg.source) from None
+    sizing.models = built
     if shape is None or fit is None:
         return  # the feature map's shape depends on data only the stages read
     if "teacher" in stale and torchscript:
@@ -269,21 +293,14 @@ def _check_models(cfg: LoadedConfig, stale: set[str]) -> None:
     split = None
     if wants_features or conf.teacher.feature_node or conf.features.enabled:
         split = _cut(split_model, built["teacher"], example, conf.teacher.feature_node, "teacher.feature_node", cfg)
-    if "features" in stale and conf.features.enabled and split is not None and shape.train_images:
-        from kdpipe.stages.features import DISK_MARGIN, FEATURES
-
-        images = _training_images(cfg, shape.train_images)
-        itemsize = 2 if conf.features.precision == "fp16" else 4
-        per_image = conf.features.views * (int(torch.Size(split.feature_shape).numel()) * itemsize + 4 * shape.classes)
-        if conf.features.max_bytes is None:  # features.max_bytes is the stage's own check, once it knows the data
-            ensure_space(cfg.cache_dir / "features" / FEATURES, images * per_image + DISK_MARGIN)
+    sizing.feature_shape = tuple(split.feature_shape) if split is not None else None
     if "distill" in stale:
         input_shape = (shape.channels, shape.height, shape.width)
         info = DataInfo(shape.classes, input_shape, [str(i) for i in range(shape.classes)])
         parts = TeacherParts(teacher_name, split, dict(conf.teacher.kwargs))
         for method, distiller in methods.items():
             try:
-                distiller.build(parts, student_name, info, distill)
+                sizing.students[method] = distiller.build(parts, student_name, info, distill)
             except UsageError as exc:
                 key, _, msg = str(exc).partition(": ")
                 if key == "distill.student" and distill.student_feature_node and "is not a node" in msg:
@@ -326,6 +343,108 @@ def check_crd_memory(cfg: LoadedConfig) -> None:
             f"has {images} (lower distill.crd.negatives)",
             cfg.source,
         )
+
+
+def check_disk_space(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> None:
+    """What the stale stages will write (and the reports) must fit, with a spare, on the disks of cache_dir and
+    output_dir: refused now, naming what needs the space, rather than by the stage that meets a full disk."""
+    if stale:  # an all-cached run only rewrites its reports, a few kilobytes, in place
+        check_run_space(run_writes(cfg, stale, sizing, entries))
+
+
+def run_writes(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> list[Any]:
+    """(what, folder, bytes) of everything the run will write, from the config and the models preflight built:
+    teacher features (images × views × (feature map × dtype + logits)), checkpoints (each stage's weights, and the
+    largest set of epoch checkpoints one training stage keeps while it runs: weights, best weights and optimiser
+    state, written beside the previous one), ONNX files (the student, each variant and the teacher), and reports."""
+    conf = cfg.config
+    shape = data_shape(cfg)
+    teacher = _teacher_bytes(cfg, stale, sizing, entries)
+    main = sizing.students.get(conf.distill.method)
+    student = _state_bytes(main.model) if main is not None else _folder_bytes(entries.get("distill"))
+    features = 0
+    if "features" in stale and _caches_features(cfg) and shape is not None and shape.train_images:
+        images, views = _training_images(cfg, shape.train_images), conf.features.views
+        itemsize = 2 if conf.features.precision == "fp16" else 4
+        per_view = (math.prod(sizing.feature_shape) * itemsize if sizing.feature_shape else 0) + 4 * shape.classes
+        features = images * views * per_view
+        if conf.features.max_bytes is not None:  # the stage writes no more than that (and refuses more)
+            features = min(features, conf.features.max_bytes)
+        features += 8 * images + 17 * views * shape.train_images  # the index, and the views' crops and flips
+    weights, training = 0, [0]
+    if "teacher" in stale and conf.teacher.source != "torchscript":  # a TorchScript teacher is read where it is
+        weights += teacher
+        if conf.teacher.trains and "teacher" in sizing.models:
+            training.append(3 * _checkpoint_bytes(sizing.models["teacher"], conf.teacher.train))
+    if "distill" in stale and sizing.students:
+        weights += student
+        each = [_checkpoint_bytes(built.trainable, conf.distill.train) for built in sizing.students.values()]
+        training.append(2 * sum(each) + max(each))  # every method's last two, and the one being written
+    onnx = 0
+    if "export" in stale:
+        fp32 = student + GRAPH_BYTES
+        variants = list(conf.export.variants)
+        onnx = fp32 * (1 + len(variants)) + (GRAPH_BYTES + teacher if conf.export.teacher else 0)
+        if QAD_VARIANTS & set(variants):
+            onnx += fp32  # the fine-tuned fp32 model the QAD variants are quantised from
+            training.append(3 * 3 * student)  # its epoch checkpoints: weights, best weights, SGD momentum
+        if shape is not None and conf.export.bundle_samples:
+            models = 2 + len(variants)
+            per_image = 4 * (shape.channels * shape.height * shape.width + models * shape.classes)
+            onnx += conf.export.bundle_samples * per_image
+    writes = [
+        ("features", cfg.cache_dir, features),
+        ("checkpoints", cfg.cache_dir, weights + max(training)),
+        ("ONNX + variants", cfg.cache_dir, onnx),
+        ("reports", cfg.output_dir, REPORT_BYTES),
+    ]
+    if not _same_disk(cfg.cache_dir, cfg.output_dir):  # the deliverables are copied, not linked, into output_dir
+        writes += [("checkpoints", cfg.output_dir, student if "distill" in stale else 0),
+                   ("ONNX + variants", cfg.output_dir, onnx)]  # fmt: skip
+    return writes
+
+
+def _caches_features(cfg: LoadedConfig) -> bool:
+    """Whether the features stage stores anything (its own key says: a stage that is off records only that)."""
+    from kdpipe.stages import STAGES
+
+    return bool(STAGES.get("features")().config(cfg).get("features", {}).get("enabled"))
+
+
+def _state_bytes(model: Any) -> int:
+    """Bytes of a model's weights and buffers: what its saved state takes, give or take the container."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _checkpoint_bytes(model: Any, train: Any) -> int:
+    """One epoch checkpoint of ``model``: its state, the best epoch's state, and the optimiser's per-parameter
+    state (AdamW: two tensors, SGD: the momentum, if any)."""
+    slots = 2 if train.optimizer == "adamw" else int(train.momentum > 0)
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 2 * _state_bytes(model) + slots * params
+
+
+def _teacher_bytes(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> int:
+    """The teacher's weights: as built by the model checks, else its cache entry, else the file it loads."""
+    if "teacher" in sizing.models:
+        return _state_bytes(sizing.models["teacher"])
+    if "teacher" not in stale:
+        return _folder_bytes(entries.get("teacher"))
+    path = cfg.resolve(cfg.config.teacher.path) if cfg.config.teacher.path else None
+    return path.stat().st_size if path is not None and path.is_file() else 0
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(existing_ancestor(a)).st_dev == os.stat(existing_ancestor(b)).st_dev
+    except OSError:
+        return True
 
 
 def _training_images(cfg: LoadedConfig, total: int) -> int:

@@ -173,7 +173,10 @@ def run_pipeline(
                 steps = steps[: ORDER.index(until) + 1]
             stale = [s.stage for s in steps if s.stage in force or not s.cached]
             gate_list = [parse_gate(g) for g in gates]
-            preflight(cfg, stale, gate_list, complete=stopped_after is None, baseline=old_report or False)
+            cached = {s.stage: Cache(cfg.cache_dir).entry(s.stage, s.key) for s in steps if s.stage not in stale}
+            preflight(
+                cfg, stale, gate_list, complete=stopped_after is None, baseline=old_report or False, entries=cached
+            )
             execute(cfg, steps, force, progress, echo, announce=role == "leader")
             record = record_run(cfg, steps, started)
         return conclude(cfg, record, stopped_after, gates, old_report, echo)  # still holding the lock

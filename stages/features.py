@@ -25,7 +25,6 @@ LOGITS = "logits.npy"
 INDEX = "train_index.npy"
 VIEWS = "views.npz"
 INFO = "features.json"
-DISK_MARGIN = 2**30
 
 
 @STAGES.register()
@@ -183,7 +182,7 @@ def check_size(ctx: StageContext, images: int, shape: Any, itemsize: int, classe
     per_view = (math.prod(shape) * itemsize if shape is not None else 0) + classes * 4
     need = conf.views * images * per_view
     if conf.max_bytes is None:  # the disk's limit: a full disk is said the way every full disk is
-        ensure_space(ctx.out_dir / FEATURES, need + DISK_MARGIN)  # 1 GiB spare for checkpoints and ONNX files
+        ensure_space(ctx.out_dir / FEATURES, need)  # with a spare proportional to it (the run was sized before)
         return need
     limit, what = conf.max_bytes, "features.max_bytes"
     if need > limit:

@@ -70,11 +70,11 @@ def test_torch_save_failure_on_a_full_disk(project, capsys, monkeypatch):
     from kdpipe.stages import STAGES
 
     def full(self, ctx):
+        monkeypatch.setattr(diskspace, "free_bytes", lambda path: 4096)  # the disk filled up while the stage ran
         raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
                            "data/0: file write failed")  # fmt: skip
 
     monkeypatch.setattr(STAGES.get("teacher"), "run", full)
-    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 4096)
     code = main(["run", "--until", "teacher"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("kdpipe: error: no space left on device") and "free 4.0 KiB" in err
@@ -101,17 +101,37 @@ def tiny_disk(tmp_path):
 def test_a_real_full_disk_then_recovery(project, capsys, tiny_disk, features):
     disk, resize = tiny_disk
     config = deep_merge(TINY, {"cache_dir": str(disk / "cache"), "features": {"enabled": features}})
-    if features:
-        resize("200k")  # the teacher fits, its features do not
+    resize("200k")  # the teacher's weights fit, the run's checkpoints (and features) with their spare do not
     (project / "pipeline.yaml").write_text(yaml.safe_dump(config))
     code = main(["run", "--until", "distill"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"kdpipe: error: no space left on device writing {disk / 'cache'}"), err
-    assert "free " in err and "needs ~" in err  # checkpoints and features are estimated before they are written
-    assert not list((disk / "cache").glob("*/.tmp-*"))  # no half-built entry
-    resize("2g")  # a size limit, not memory taken: the features stage keeps 1 GiB spare
-    assert main(["run", "--until", "distill"]) == 0  # recovered: the same cache, now with room
+    assert err.startswith(f"kdpipe: error: not enough space on {disk} for this run: needs ~"), err
+    assert "checkpoints " in err and ("features " in err) == features and "free " in err, err
+    assert not list((disk / "cache").glob("*/*"))  # refused before any stage: no cache entry, not even a half one
+    resize("16m")  # a few-MB run needs a few MB (and a spare in proportion), not a fixed GiB
+    assert main(["run", "--until", "distill"]) == 0, capsys.readouterr().err  # the same cache, now with room
+
+
+def test_a_run_is_sized_to_what_it_writes(project, capsys, monkeypatch):
+    """With 100 MB free, a run whose cache takes a few MB runs, its in-stage checks included; one whose features
+    alone need more is refused before any stage, naming what needs the space."""
+    from kdpipe import diskspace
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 100 * 10**6)
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, {"features": {"enabled": True}})))
+    assert main(["run"]) == 0, capsys.readouterr().err
+    assert sum(p.stat().st_size for p in (project / ".kdpipe").rglob("*") if p.is_file()) < 20 * 2**20
+    big = {"data": {"synthetic": {"train_size": 8000}}, "features": {"enabled": True, "views": 10, "precision": "fp32"}}
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(deep_merge(TINY, big)))
+    capsys.readouterr()
+    code = main(["run"])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("kdpipe: error: not enough space on ") and " for this run: needs ~" in err, err
+    assert "(features " in err and "checkpoints " in err and "ONNX + variants " in err and "free 95.4 MiB" in err
+    assert "running" not in captured.out  # no stage ran
 
 
 def test_folders_where_the_cache_keeps_its_files(project, capsys):

@@ -106,13 +106,52 @@ def test_variant_whose_converter_is_missing(tmp_path, monkeypatch):
     )
 
 
-def test_features_that_will_not_fit_on_the_disk(tmp_path, monkeypatch):
+def test_a_run_that_will_not_fit_on_the_disk(tmp_path, monkeypatch):
     import kdpipe.diskspace as ds
 
     monkeypatch.setattr(ds, "free_bytes", lambda path: 10_000)
-    expected = r"no space left on device writing .*features/features.npy \(needs ~.*, free 9.8 KiB\)"
-    with pytest.raises(DiskFullError, match=expected):
+    expected = (
+        r"^not enough space on /\S* for this run: needs ~\d+\.\d MiB \(features \d+\.\d [KM]iB, checkpoints "
+        r"\d+\.\d [KM]iB, ONNX \+ variants \d+\.\d MiB, reports 1\.0 MiB, spare 4\.0 MiB\), free 9\.8 KiB; .*cache_dir"
+    )
+    with pytest.raises(DiskFullError, match=expected) as info:
         pf.preflight(cfg_of(tmp_path, {"features": {"enabled": True}}), ALL)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+# the TINY pipeline with features cached: 10 views of 8,000 images, of a 32x6x6 feature map in fp32
+BIG_FEATURES = {
+    "data": {"synthetic": {"train_size": 8000}},
+    "features": {"enabled": True, "views": 10, "precision": "fp32"},
+}
+
+
+def test_the_space_a_run_needs_is_what_it_writes(tmp_path, monkeypatch):
+    """Sized to the run, never a fixed spare: 100 MB free holds a few-MB run, and refuses one whose features alone
+    take more, naming each part; only the stale stages count."""
+    import kdpipe.diskspace as ds
+
+    monkeypatch.setattr(ds, "free_bytes", lambda path: 100 * 10**6)
+    pf.preflight(cfg_of(tmp_path, {"features": {"enabled": True}}), ALL)  # a few MB
+    cfg = cfg_of(tmp_path, BIG_FEATURES)
+    sizing = pf.Sizing()
+    pf.check_models(cfg, ALL, sizing)
+    writes = {label: n for label, _, n in pf.run_writes(cfg, ALL, sizing, {})}
+    images = 8000 - 800  # val_fraction 0.1
+    feature = 4 * int(torch.Size(sizing.feature_shape).numel())
+    assert writes["features"] == images * 10 * (feature + 4 * 4) + 8 * images + 17 * 10 * 8000
+    assert 0 < writes["checkpoints"] < 10 * 2**20 and 0 < writes["ONNX + variants"] < 10 * 2**20
+    expected = r"for this run: needs ~.* \(features \d+\.\d MiB, checkpoints .*\), free 95"
+    with pytest.raises(DiskFullError, match=expected):
+        pf.preflight(cfg, ALL)
+    pf.preflight(cfg, ALL - {"features"})  # the features are cached: the rest fits
+
+
+def test_an_all_cached_run_needs_no_space(tmp_path, monkeypatch):
+    import kdpipe.diskspace as ds
+
+    monkeypatch.setattr(ds, "free_bytes", lambda path: 0)
+    pf.preflight(cfg_of(tmp_path, BIG_FEATURES), set())
 
 
 def test_checks_leave_the_random_state_alone(tmp_path):
