@@ -388,6 +388,97 @@ class ZipfConfig(Section):
     )
 
 
+class DataFreeConfig(Section):
+    """``distill.data: synthetic``: the generator trained against the frozen teacher, and its loss terms."""
+
+    z_dim: int = Field(128, ge=1, description="Length of the generator's noise vector z.")
+    width: int = Field(
+        64, ge=4, description="Generator channels: 2 x width after the linear layer, width in the last block."
+    )
+    conditional: bool = Field(
+        True,
+        description="Class-conditional generator: each image is generated for a target class (balanced over the "
+        "batch) and ce pulls the teacher towards it; false: unconditional, ce on the teacher's own argmax (DAFL).",
+    )
+    batch_size: int = Field(64, gt=1, description="Images per generator step.")
+    steps_per_epoch: int = Field(
+        100, gt=0, description="Student steps (of distill.train.batch_size images) per epoch; epochs: distill.train."
+    )
+    generator_every: int = Field(
+        2, ge=1, description="One generator step before every n-th student step (1: before each one)."
+    )
+    pool_size: int = Field(
+        4096,
+        ge=2,
+        description="The student's batches are drawn (with data.augment's crop and flip) from the most recent this "
+        "many generated images, kept as uint8 like real images.",
+    )
+    lr: float = Field(1e-3, gt=0, description="Generator learning rate (Adam, betas 0.5 and 0.999, constant).")
+    bn: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the batch-norm statistics term (DeepInversion): the mean over the teacher's BN layers "
+        "of ||mean(x) - running_mean|| + ||var(x) - running_var|| of each layer's input. A teacher without BN "
+        "layers (or a TorchScript one) leaves it out when it is not set; set explicitly, it is refused.",
+    )
+    ce: float = Field(
+        1.0, ge=0, description="Weight of the cross-entropy of the teacher's logits with the target class (one-hot)."
+    )
+    entropy: float = Field(
+        5.0,
+        ge=0,
+        description="Weight of the information-entropy term (DAFL): log K - H(mean softmax of the batch), 0 when "
+        "the batch's mean prediction is uniform over the K classes.",
+    )
+    adversarial: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the adversarial term (DFAD): minus the mean L1 distance between student and teacher "
+        "logits, so the generator seeks images where they disagree.",
+    )
+    adversarial_ramp: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Curriculum (CuDFKD, easy to hard): the adversarial weight rises linearly from 0 to "
+        "`adversarial` over this fraction of the training steps (0: full weight from the start).",
+    )
+    easy_only: bool = Field(
+        True,
+        description="Curriculum per image: the adversarial term pushes only images the student still classifies "
+        "like the teacher (easy ones) towards disagreement; images already hard are left where they are.",
+    )
+    collapse_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Collapse: an epoch in which one class takes more than this share of the generated images (the "
+        "teacher's argmax) is reported and warned about.",
+    )
+    collapse_entropy: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Collapse: an epoch whose generated class histogram has an entropy below this fraction of "
+        "log K is reported and warned about.",
+    )
+    samples: int = Field(
+        256,
+        ge=1,
+        description="Generated images saved in the distill entry (uint8 .npy): int8 calibration and the report's "
+        "grid use them, since no training image may be read.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataFreeConfig:
+        if not (self.bn or self.ce or self.entropy):
+            raise ValueError("bn, ce and entropy are all 0: the generator would only chase disagreement; give one "
+                             "of them a weight")  # fmt: skip
+        if self.samples > self.pool_size:
+            raise ValueError("samples must be <= pool_size (the saved samples are the pool's last images)")
+        return self
+
+
 class DistillConfig(Section):
     method: DistillMethod = Field(
         "simkd",
@@ -424,6 +515,15 @@ class DistillConfig(Section):
     dkd: DKDConfig = Field(default_factory=DKDConfig, description="Settings of method dkd (used when dkd is trained).")
     zipf: ZipfConfig = Field(
         default_factory=ZipfConfig, description="Settings of method zipf_ls (used when zipf_ls is trained)."
+    )
+    data: Literal["real", "synthetic"] = Field(
+        "real",
+        description="Where the student's training images come from: real (the training split) or synthetic (a "
+        "generator trained against the frozen teacher, settings in `datafree`: no training image is read; "
+        "validation images still choose the epoch).",
+    )
+    datafree: DataFreeConfig = Field(
+        default_factory=DataFreeConfig, description="The generator of data: synthetic (used only then)."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe of the student.")
 

@@ -7,6 +7,8 @@ cache when ``features.enabled`` (every method then trains on its precomputed aug
 from the teacher run online on each batch. ``distill.compare`` trains further methods
 with the same student, recipe and seed, each in its own work folder, and reports them all side by side
 (val top-1 selects the epoch, test top-1 is for reporting only); only ``distill.method``'s student is saved.
+With ``distill.data: synthetic`` the training batches come from a generator trained against the frozen teacher
+(``stages/datafree.py``): no training image is read, and the generator and its last images join the entry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
+from kdpipe.stages import datafree
 from kdpipe.stages.base import STAGES, Stage, StageContext, check_model_name, read_metrics
 
 if TYPE_CHECKING:
@@ -48,10 +51,14 @@ class DistillStage(Stage):
         for key, readers in (("crd", {"crd", "crd_kd"}), ("dkd", {"dkd"}), ("zipf", {"zipf_ls"})):
             if not used & readers:
                 conf.pop(key, None)
+        if conf.get("data", "real") == "real":  # real images: the key stays what it was before data-free existed
+            conf.pop("data", None)
+            conf.pop("datafree", None)
         return self.training_config(cfg, section)
 
     def check(self, cfg: LoadedConfig) -> None:
         check_model_name(cfg, "distill.student", cfg.config.distill.student)
+        datafree.check(cfg)
         check_warmup(cfg)
 
     def data_parallel(self, cfg: LoadedConfig) -> bool:
@@ -100,6 +107,8 @@ class DistillStage(Stage):
         parts = TeacherParts(tspec["arch"], split, dict(tspec.get("kwargs") or {}))
         device = pick_device(cfg.config.runtime.device)
         check_loaded_teacher(ctx, tspec)
+        if conf.data == "synthetic":
+            datafree.require_validation(cfg, len(splits.val_idx))
         teacher_size = count_parameters(teacher)
 
         metrics: dict[str, Any] = {}
@@ -109,6 +118,7 @@ class DistillStage(Stage):
             work_dir = ctx.work_dir if main else ctx.work_dir / method
             check = (lambda b, d=distiller: check_size(ctx, d, b, teacher_size)) if main else None
             built, result = train_method(ctx, distiller, parts, teacher, info, splits, device, work_dir, check)
+            source = result.pop("source", None)
             if world()[0] != 0:  # a torchrun follower: rank 0 evaluates, compares and saves
                 continue
             breakdown = distiller.parameter_breakdown(built)
@@ -148,6 +158,8 @@ class DistillStage(Stage):
                 }
                 if data.source_report is not None:  # image datasets: which path, images skipped while training
                     metrics["data"] = data.source_report
+                real = len(splits.train_idx)
+                metrics["training_data"] = datafree.training_data(ctx.out_dir, source, result["history"], real)
             del built, result
         scratch = next((r for r in rows if r["method"] == "scratch"), None)
         for row in rows if scratch else ():
@@ -167,7 +179,7 @@ def train_method(
     check: Callable[[Built], None] | None = None,
 ) -> tuple[Built, dict[str, Any]]:
     """Build ``distiller``'s student (seeded), ``check`` it, and train it with the shared loop; the result adds
-    ``seconds``."""
+    ``seconds`` (and, with ``distill.data: synthetic``, the generator's batch ``source``)."""
     import torch
 
     from kdpipe.ml.entrypoints import resolve_model_name
@@ -180,9 +192,12 @@ def train_method(
     built = distiller.build(parts, resolve_model_name(conf.student, cfg.base), info, conf)
     if check is not None:
         check(built)
+    source = None
+    if conf.data == "synthetic":  # batches from a generator trained against the teacher, never a training image
+        source = datafree.make_source(ctx, teacher, built.model, device)
     teacher_signals: Callable[[Batch], dict[str, torch.Tensor]] | None = None
     views = None
-    if "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
+    if source is None and "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
         from kdpipe.stages.features import CachedTeacher
 
         cached = CachedTeacher(ctx.inputs["features"], device)
@@ -208,8 +223,12 @@ def train_method(
         amp=cfg.config.runtime.amp,
         compile=cfg.config.runtime.compile,
         nproc=cfg.config.runtime.nproc,
+        source=source,
     )
-    return built, {**result, "seconds": time.perf_counter() - t0}
+    if source is None:
+        return built, {**result, "seconds": time.perf_counter() - t0}
+    source.close()
+    return built, {**result, "seconds": time.perf_counter() - t0, "source": source}
 
 
 def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any]) -> None:

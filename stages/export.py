@@ -14,6 +14,7 @@ from typing import Any
 from kdpipe.config import LoadedConfig
 from kdpipe.diskspace import ensure_space, writing
 from kdpipe.reporting.macs import add_macs
+from kdpipe.stages import datafree
 from kdpipe.stages.base import STAGES, Stage, StageContext
 from kdpipe.version import __version__
 
@@ -50,6 +51,7 @@ class ExportStage(Stage):
             from kdpipe.stages.qad import check_method
 
             check_method(cfg.config.distill.method, cfg.source)
+        datafree.check_export(cfg)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from kdpipe.ml.data import normalize
@@ -138,7 +140,10 @@ class ExportStage(Stage):
         data, splits = ctx.data()
         reference = self.test_logits(ctx, ctx.out_dir / "student.onnx")
         q = conf.quantization
-        calibration = normalize(data.train_x[splits.train_idx[: q.calibration_samples]], data.mean, data.std).numpy()
+        # a data-free student (distill.data: synthetic) calibrates on its generated images: no training image is read
+        generated = datafree.calibration_images(ctx.inputs["distill"], q.calibration_samples)
+        images = data.train_x[splits.train_idx[: q.calibration_samples]] if generated is None else generated
+        calibration = normalize(images, data.mean, data.std).numpy()
         sources, qad = {"student": ctx.out_dir / "student.onnx"}, None
         if any(VARIANTS.get(v).source == "qad" for v in conf.variants):
             from kdpipe.stages.qad import qad_source

@@ -5,7 +5,9 @@ stage runs it once over ``features.views`` augmented views of every training ima
 flip parameters, stored beside the features) and stores the last feature map (fp16 by default,
 memory-mapped) and the logits. Distillation then samples one of the views per image per epoch and
 replays its exact crop and flip on the student's input. Disabled (the default), the stage records
-only that, and distillation runs the teacher online.
+only that, and distillation runs the teacher online. With ``distill.data: synthetic`` it is disabled whatever
+``features.enabled`` says: there is no training image to run the teacher on, and the generated ones change at
+every step, so the teacher runs online on them.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ class FeaturesStage(Stage):
 
     def config(self, cfg: Any) -> dict[str, Any]:
         section = super().config(cfg)
-        if not cfg.config.features.enabled:  # nothing else matters when it is off
+        if not caches_features(cfg):  # nothing else matters when it is off
             return {"features": {"enabled": False}}
         return section
 
     def check(self, cfg: Any) -> None:
         """Cached features replay crops of images held in memory: a streamed dataset runs the teacher online."""
-        if not cfg.config.features.enabled:
+        if not caches_features(cfg):
             return
         from kdpipe.ml.imagedata import will_stream
 
@@ -56,7 +58,10 @@ class FeaturesStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         conf = ctx.cfg.config.features
-        if not conf.enabled:
+        if not caches_features(ctx.cfg):
+            if conf.enabled:
+                ctx.log("features: distill.data: synthetic: no training images to cache features of; the teacher "
+                        "runs online on the generated ones")  # fmt: skip
             return {"enabled": False}
         import numpy as np
         import torch
@@ -151,6 +156,11 @@ class FeaturesStage(Stage):
         }
         (ctx.out_dir / INFO).write_text(json.dumps(info, indent=2))
         return info
+
+
+def caches_features(cfg: Any) -> bool:
+    """Whether the stage computes anything: ``features.enabled``, and the student trains on real images."""
+    return cfg.config.features.enabled and cfg.config.distill.data != "synthetic"
 
 
 def view_table(cfg: Any, images: int) -> Any:

@@ -13,10 +13,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -167,6 +167,22 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return saved
 
 
+class BatchSource(Protocol):
+    """Where training batches come from instead of the training split (data-free distillation's generator,
+    :class:`~kdpipe.ml.datafree.SyntheticSource`): ``steps`` batches an epoch, a pure function of the epoch and of
+    :meth:`state_dict`, which is checkpointed with the model so a killed run resumes to the same result."""
+
+    steps: int
+
+    def batches(self, epoch: int) -> Iterator[Batch]: ...
+
+    def epoch_record(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class FitJob:
     """One training run: what is trained, on what, how, and where its checkpoints go.
@@ -183,6 +199,8 @@ class FitJob:
         compile: ``torch.compile`` the model in place (state_dict keys unchanged).
         keep_start: evaluate the model before training as "epoch 0": when no epoch beats it on val top-1, the
             starting weights are what comes back (fine-tuning never ships worse than where it started).
+        source: training batches from this :class:`BatchSource` instead of ``splits``' training split (val still
+            selects the epoch); its state is checkpointed and its ``epoch_record`` joins each epoch's history.
     """
 
     model: nn.Module
@@ -202,6 +220,7 @@ class FitJob:
     amp: bool = False
     compile: bool = False
     keep_start: bool = False
+    source: BatchSource | None = None
 
 
 def fit(*, nproc: int = 1, **job: Any) -> dict[str, Any]:
@@ -218,6 +237,8 @@ def fit(*, nproc: int = 1, **job: Any) -> dict[str, Any]:
         left holding the best weights.
     """
     spec = FitJob(**job)
+    if nproc > 1 and spec.source is not None:
+        raise ValueError("a batch source trains in one process (nproc 1)")
     if nproc > 1:
         from kdpipe.ml.distributed import run_data_parallel
 
@@ -234,7 +255,7 @@ class _Loop:
         self.job = job
         self.rank, self.size = world()
         conf = job.conf
-        self.steps = steps_per_epoch(job.splits, conf.batch_size * self.size)
+        self.steps = job.source.steps if job.source else steps_per_epoch(job.splits, conf.batch_size * self.size)
         self.optimizer = make_optimizer(job.trainable.parameters(), conf)
         for group in self.optimizer.param_groups:
             group["lr"] *= self.size
@@ -295,6 +316,8 @@ class _Loop:
                 self.scheduler.load_state_dict(saved["scheduler"])
                 if saved.get("scaler"):
                     self.scaler.load_state_dict(saved["scaler"])
+                if job.source is not None:
+                    job.source.load_state_dict(saved["source"])
                 torch.set_rng_state(saved["rng"])
             except Exception as exc:  # torch.load and load_state_dict raise many types; each means "unusable"
                 log.warning("%s: discarding unreadable checkpoint %s (%s)", job.desc, path, describe(exc))
@@ -317,6 +340,7 @@ class _Loop:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "source": self.job.source.state_dict() if self.job.source else None,
             }
         )
 
@@ -326,6 +350,8 @@ class _Loop:
         self.scheduler.load_state_dict(fresh["scheduler"])
         if fresh["scaler"]:
             self.scaler.load_state_dict(fresh["scaler"])
+        if self.job.source is not None:
+            self.job.source.load_state_dict(fresh["source"])
         torch.set_rng_state(fresh["rng"])
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float]:
@@ -335,7 +361,12 @@ class _Loop:
         job, conf, rank, size = self.job, self.job.conf, self.rank, self.size
         job.trainable.train()
         t0, total_loss, n = time.perf_counter(), 0.0, 0
-        for batch in train_batches(job.splits, conf.batch_size * size, conf.seed, epoch, job.augment, job.views):
+        batches = (
+            job.source.batches(epoch)
+            if job.source
+            else train_batches(job.splits, conf.batch_size * size, conf.seed, epoch, job.augment, job.views)
+        )
+        for batch in batches:
             if size > 1:
                 if len(batch.y) < 2 * size:  # every shard needs 2 images for BatchNorm; same on all ranks
                     continue
@@ -381,6 +412,7 @@ class _Loop:
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
             "images_per_second": n / seconds if seconds else 0.0,
+            **(job.source.epoch_record() if job.source else {}),
         }
         state["history"].append(record)
         if val_top1 > state["best_val_top1"]:
@@ -393,6 +425,7 @@ class _Loop:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "scaler": self.scaler.state_dict(),
+                **({"source": job.source.state_dict()} if job.source else {}),
                 "state": state,
             },
             self.ckpt,

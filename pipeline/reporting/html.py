@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.fileio import atomic_write_text
-from kdpipe.reporting import plots, quantization, summary
+from kdpipe.reporting import datafree, plots, quantization, summary
 from kdpipe.reporting.macs import format_macs
 from kdpipe.reporting.summary import pp
 
@@ -208,6 +208,17 @@ def _methods_section(comparison: list[dict[str, Any]]) -> str:
     return "<h2>Distillation methods</h2>" + _table(head, rows) + note
 
 
+def _training_data_section(report: dict[str, Any]) -> str:
+    """A data-free student: that it never saw a training image, the generator's terms, and its images per class."""
+    text = datafree.lines(report)
+    if not text:
+        return ""
+    items = "".join(f'<li class="warn">{_e(x)}</li>' if x.startswith("⚠") else f"<li>{_e(x)}</li>" for x in text)
+    fig = datafree.grid_figure(report)
+    grid = plots.img(fig, "Generated images per class") if fig is not None else ""
+    return f'<h2>Training data: synthetic</h2><ul class="gl">{items}</ul>{grid}'
+
+
 def _simkd_cost(student: dict[str, Any]) -> str:
     """A SimKD student is body + projector + the teacher's reused head: what the last two cost, on their own."""
     parts = student.get("parameters_breakdown") or {}
@@ -269,6 +280,7 @@ def render_html(report: dict[str, Any]) -> str:
     parts += [banner, gates_html]
     if models:
         parts += ["<h2>Models</h2>", _models_tables(models, batches, recommended)]
+    parts.append(_training_data_section(report))
     parts.append(quantization.render_html(report))
     comparison = [r for r in report.get("comparison") or [] if isinstance(r, dict)]
     if comparison:

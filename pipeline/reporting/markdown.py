@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdpipe.reporting import quantization, summary
+from kdpipe.reporting import datafree, quantization, summary
 from kdpipe.reporting.macs import format_macs
 from kdpipe.reporting.summary import pct
 
@@ -78,6 +78,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"- ⚠ {flag}" for flag in summary.flags(report) if flag != verdict_text or not comparison]
         lines += ["", f"Latency measured on: {summary.benchmark_context(report)}.", ""]
+    if datafree.synthetic(report):  # the collapse warning, if any, is one of the flags above
+        lines += ["**Training data**: " + " ".join(x for x in datafree.lines(report) if not x.startswith("⚠")), ""]
     if comparison:
         lines += ["Distillation methods (same student, recipe and seed; epoch chosen on val, top-1 on test):", ""]
         lines += comparison_table(comparison)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdpipe.reporting import summary
+from kdpipe.reporting import datafree, summary
 from kdpipe.reporting.macs import format_macs
 from kdpipe.reporting.summary import batch_of, pct
 
@@ -70,6 +70,8 @@ def _data(report: dict[str, Any]) -> list[str]:
         f"- **Dataset**: {data.get('name', '?')} ({sizes}); classes: {classes}.",
         "- Validation images are held out of the training set and choose the epoch; the test split is used "
         "only for the figures below.",
+        *(f"- **Training data**: {line}" for line in datafree.lines(report)[:1]),
+        *(f"- {line}" for line in datafree.lines(report)[1:] if not line.startswith("⚠")),
     ]
 
 

@@ -59,6 +59,7 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
         "models": models,
         "speedup_p50": bench.get("speedup_p50"),
         "comparison": distill.get("comparison") or None,
+        "training_data": distill.get("training_data"),  # real (how many images) or synthetic (data-free)
         "benchmark": {k: bench[k] for k in ("providers", "intra_op_threads", "thread_counts", "host") if k in bench}
         or None,
         "training": {

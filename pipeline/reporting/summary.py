@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdpipe.reporting import datafree
 from kdpipe.reporting.gates import PARITY, evaluate
 from kdpipe.reporting.macs import format_macs
 
@@ -176,6 +177,9 @@ def flags(report: dict[str, Any]) -> list[str]:
     verdict = distillation_verdict(report)
     if verdict and "NOT" in verdict:
         out.append(verdict)
+    collapse = datafree.flag(report)
+    if collapse:
+        out.append(collapse)
     return out
 
 
