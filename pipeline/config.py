@@ -410,8 +410,14 @@ class DataFreeConfig(Section):
     pool_size: int = Field(
         4096,
         ge=2,
-        description="The student's batches are drawn (with data.augment's crop and flip) from the most recent this "
-        "many generated images, kept as uint8 like real images.",
+        description="The student's batches are drawn from the most recent this many generated images, kept as "
+        "uint8 like real images.",
+    )
+    replay: Literal["stored", "online"] = Field(
+        "stored",
+        description="stored: student batches are pool images as generated, with the teacher's logits stored when they "
+        "were generated (no second teacher pass; methods that need only logits: kd, dkd; the others run online); "
+        "online: data.augment's crop and flip on pool images and the teacher run on every student batch.",
     )
     lr: float = Field(1e-3, gt=0, description="Generator learning rate (Adam, betas 0.5 and 0.999, constant).")
     bn: float = Field(

@@ -125,8 +125,11 @@ def require_validation(cfg: LoadedConfig, val_images: int) -> None:
         )
 
 
-def make_source(ctx: StageContext, teacher: nn.Module, student: nn.Module, device: torch.device) -> SyntheticSource:
-    """The generator (seeded from ``distill.train.seed``) as the student's batch source."""
+def make_source(
+    ctx: StageContext, teacher: nn.Module, student: nn.Module, device: torch.device, signals: frozenset[str]
+) -> SyntheticSource:
+    """The generator (seeded from ``distill.train.seed``) as the student's batch source; with ``replay: stored`` and a
+    method that needs only the teacher's logits (``signals``), it also gives them (:meth:`SyntheticSource.stored`)."""
     import torch
 
     from kdpipe.ml.datafree import Generator, SyntheticSource
@@ -143,6 +146,7 @@ def make_source(ctx: StageContext, teacher: nn.Module, student: nn.Module, devic
     return SyntheticSource(
         generator, teacher, student, d, weights, data.num_classes, data.mean, data.std, cfg.config.data.augment,
         conf.train.batch_size, conf.train.epochs, conf.train.seed, device, list(data.classes), ctx.log, left_out,
+        d.replay == "stored" and set(signals) <= {"logits"},
     )  # fmt: skip
 
 
@@ -194,6 +198,7 @@ def summary(source: SyntheticSource, history: list[dict[str, Any]], images: Any,
             "weights": {t: w for t, w in source.weights.items() if w},
             "left_out": source.left_out,
             "conditional": source.generator.embed is not None,
+            "replay": "stored" if source.stored else "online",
             "z_dim": source.generator.z_dim,
             "parameters": count_parameters(source.generator),
             "steps": sum(g["steps"] for _, g in records),

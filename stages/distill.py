@@ -194,7 +194,7 @@ def train_method(
         check(built)
     source = None
     if conf.data == "synthetic":  # batches from a generator trained against the teacher, never a training image
-        source = datafree.make_source(ctx, teacher, built.model, device)
+        source = datafree.make_source(ctx, teacher, built.model, device, distiller.signals)
     teacher_signals: Callable[[Batch], dict[str, torch.Tensor]] | None = None
     views = None
     if source is None and "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
@@ -205,6 +205,8 @@ def train_method(
         teacher_signals = cached if distiller.signals else None
     if teacher_signals is None:
         teacher_signals = OnlineTeacher(teacher, parts.split, distiller.signals, device, channels_last)
+    if source is not None and source.stored:  # the teacher's logits stored with each generated image
+        teacher_signals = source.teacher_signals
     t0 = time.perf_counter()
     result = fit(
         model=built.trainable,

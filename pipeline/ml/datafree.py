@@ -23,9 +23,11 @@ still predicts the teacher's class (an easy image); an image the student already
 pushed further from what the teacher knows (``easy_only: false``: ``m_i = 1`` for all).
 
 The student never trains on the generator's graph: each generated batch goes, as uint8 images with the teacher's
-argmax as label, into a pool of the most recent ``pool_size`` images, and the student's batches are drawn from the
-pool with the usual crop and flip, exactly as real batches are (:class:`SyntheticSource`). The teacher's class
-histogram of every generated image is counted per epoch to detect a collapsed generator.
+argmax as label and the teacher's logits, into a pool of the most recent ``pool_size`` images, and the student's
+batches are drawn from the pool (:class:`SyntheticSource`): with ``replay: stored`` as they are, the teacher's
+logits stored with them (no second teacher pass: a method that needs only logits), with ``replay: online`` with the
+usual crop and flip, the teacher run on them as on real batches (any method). The teacher's class histogram of every
+generated image is counted per epoch to detect a collapsed generator.
 """
 
 from __future__ import annotations
@@ -227,6 +229,8 @@ class SyntheticSource:
         classes: class names (collapse messages name the class).
         log: where a collapsed epoch is warned about.
         left_out: the terms not used and why (for the report).
+        stored: student batches are pool images as generated, with the teacher's logits stored at generation
+            (:meth:`teacher_signals`); else crop and flip them (the teacher then runs on them online).
     """
 
     def __init__(
@@ -247,6 +251,7 @@ class SyntheticSource:
         classes: list[str] | None = None,
         log: Callable[[str], None] | None = None,
         left_out: dict[str, str] | None = None,
+        stored: bool = False,
     ) -> None:
         self.generator = generator.to(device)
         self.teacher = teacher
@@ -264,10 +269,13 @@ class SyntheticSource:
         self.classes = list(classes) if classes else [str(k) for k in range(num_classes)]
         self.log = log
         self.left_out = dict(left_out or {})
+        self.stored = stored
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=conf.lr, betas=(0.5, 0.999))
         self.bn = BNStatistics(teacher) if self.weights["bn"] > 0 else None
         self.pool = torch.zeros((0, *generator.shape), dtype=torch.uint8)
         self.pool_labels = torch.zeros(0, dtype=torch.long)
+        self.pool_logits = torch.zeros(0, num_classes)
+        self.current = self.pool_logits
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
@@ -284,8 +292,16 @@ class SyntheticSource:
             if i % self.conf.generator_every == 0:
                 self.generator_step(epoch * self.steps + i, g)
             idx = torch.randint(0, len(self.pool), (self.batch_size,), generator=g)
-            x = augment(self.pool[idx], self.augment_conf, g)
+            x = self.pool[idx] if self.stored else augment(self.pool[idx], self.augment_conf, g)
+            self.current = self.pool_logits[idx]
             yield Batch(normalize(x, self.mean, self.std), self.pool_labels[idx], idx)
+
+    def teacher_signals(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``replay: stored``: the teacher's logits of the batch just drawn, stored when its images were generated
+        (on the images before rounding to uint8, which moves a pixel by at most 1/510)."""
+        if len(self.current) != len(batch.x):
+            raise RuntimeError("stored teacher logits asked for another batch than the one just drawn")
+        return {"logits": self.current.to(batch.x.device)}
 
     def targets(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Target classes spread evenly over the batch (shuffled), so every class is asked for equally."""
@@ -353,6 +369,7 @@ class SyntheticSource:
         self.generator_steps += 1
         self.pool = torch.cat([self.pool, quantize(images)])[-self.conf.pool_size :]
         self.pool_labels = torch.cat([self.pool_labels, labels])[-self.conf.pool_size :]
+        self.pool_logits = torch.cat([self.pool_logits, logits.float().cpu()])[-self.conf.pool_size :]
 
     def epoch_record(self) -> dict[str, Any]:
         """What the generator did this epoch: mean loss and terms, the adversarial factor, its class balance."""
@@ -381,6 +398,7 @@ class SyntheticSource:
             "optimizer": self.optimizer.state_dict(),
             "pool": self.pool.clone(),
             "pool_labels": self.pool_labels.clone(),
+            "pool_logits": self.pool_logits.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,6 +406,7 @@ class SyntheticSource:
         self.optimizer.load_state_dict(state["optimizer"])
         self.pool = state["pool"].to(torch.uint8)
         self.pool_labels = state["pool_labels"].long()
+        self.pool_logits = state["pool_logits"].float()
 
     def samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last ``n`` generated images (uint8, what the student trained on last) and the teacher's classes."""

@@ -47,6 +47,7 @@ def test_data_free_run_exports_and_reports_zero_real_images(project, capsys):
     data = report["training_data"]
     assert data["source"] == "synthetic" and data["real_training_images"] == 0
     assert set(data["generator"]["terms"]) == {"bn", "ce", "entropy", "adversarial"}
+    assert data["generator"]["replay"] == "stored"  # kd needs only logits: those stored with each generated image
     assert data["samples"]["count"] == 32 and len(data["samples"]["grid"]["counts"]) == 4
     record = json.loads((project / ".kdpipe" / "last_run.json").read_text())["stages"]
     entry = project / ".kdpipe" / "distill" / record["distill"]["key"]

@@ -146,7 +146,7 @@ def test_generator_makes_images_of_the_data_shape_in_unit_range(shape):
         assert x.min() >= 0 and x.max() <= 1
 
 
-def _source(cfg, splits, teacher, student, **conf) -> SyntheticSource:
+def _source(cfg, splits, teacher, student, stored=False, **conf) -> SyntheticSource:
     data = splits.data
     torch.manual_seed(0)
     gen = Generator(8, data.num_classes, tuple(data.input_shape), width=8)
@@ -154,7 +154,7 @@ def _source(cfg, splits, teacher, student, **conf) -> SyntheticSource:
     weights = {t: getattr(datafree, t) for t in ("bn", "ce", "entropy", "adversarial")}
     return SyntheticSource(
         gen, teacher, student, datafree, weights, data.num_classes, data.mean, data.std, Augment(), 16, 3, 0,
-        torch.device("cpu"), data.classes,
+        torch.device("cpu"), data.classes, stored=stored,
     )  # fmt: skip
 
 
@@ -187,6 +187,21 @@ def test_source_trains_the_generator_and_fills_the_pool_without_touching_the_stu
     assert set(record["terms"]) == {"bn", "ce", "entropy", "adversarial"}
     images, labels = source.samples(8)
     assert images.shape == (8, 1, 12, 12) and labels.shape == (8,)
+
+
+def test_stored_replay_gives_the_pool_images_as_generated_with_the_teachers_logits(tiny):
+    cfg, splits, teacher = tiny
+    student = create_model("tiny_cnn", num_classes=4, in_channels=1)
+    stored = _source(cfg, splits, teacher, student, stored=True)
+    augmented = _source(cfg, splits, teacher, student)
+    for a, b in zip(stored.batches(0), augmented.batches(0), strict=True):
+        plain = (stored.pool[a.index].float() / 255 - splits.data.mean[0]) / splits.data.std[0]
+        torch.testing.assert_close(a.x, plain)  # as generated: no crop, no flip
+        with torch.no_grad():  # the logits of the image before rounding to uint8: within a rounding's reach
+            torch.testing.assert_close(stored.teacher_signals(a)["logits"], teacher(a.x), atol=0.05, rtol=0)
+        assert not torch.equal(b.x, (augmented.pool[b.index].float() / 255 - splits.data.mean[0]) / splits.data.std[0])
+    with pytest.raises(RuntimeError, match="another batch"):
+        stored.teacher_signals(a.__class__(a.x[:3], a.y[:3], a.index[:3]))
 
 
 def test_source_state_round_trips(tiny):
