@@ -96,6 +96,11 @@ class ImagenetRecipe(Section):
 FILE_DATASETS = ("imagefolder", "filelist", "webdataset")
 
 
+def looks_like_shards(value: str) -> bool:
+    """Whether ``data.unlabeled`` names WebDataset shards (a .tar path, a brace pattern or a ``::`` list)."""
+    return value.endswith(".tar") or "{" in value or "::" in value
+
+
 class DataConfig(Section):
     dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "synthetic"] = (
         Field("fashion_mnist", description="Which dataset to use.")
@@ -159,9 +164,37 @@ class DataConfig(Section):
     normalize: Normalize | None = Field(None, description="Normalisation; null uses the dataset's own statistics.")
     augment: Augment = Field(default_factory=Augment, description="Training-time augmentation.")
     synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the synthetic dataset.")
+    unlabeled: str | None = Field(
+        None,
+        description="Training images without labels, joining the distillation's training set (never val or test): a "
+        "folder (every image under it, class folders or not), a list file of image paths (one a line, relative to "
+        "it), or WebDataset shards (a .tar path or brace pattern; samples need no `cls`). Loss terms that need a "
+        "label use the labelled images only; the teacher's terms use all. Held in memory or streamed as the dataset "
+        "is.",
+    )
+    labels_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the labels of only this many training images per class (a seeded, class-balanced choice by "
+        "data.seed, after the val split); the other training images are treated as unlabelled. For measuring "
+        "label scarcity.",
+    )
+
+    @field_validator("unlabeled")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("an empty path; give a folder, a list file or shards, or drop the key")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.labels_per_class is not None and self.dataset == "webdataset":
+            raise ValueError("labels_per_class cannot drop labels from WebDataset shards (they come with the "
+                             "stream); give the unlabelled samples as shards of their own (unlabeled)")  # fmt: skip
+        if self.dataset == "webdataset" and self.unlabeled is not None and not looks_like_shards(self.unlabeled):
+            raise ValueError("a webdataset dataset streams its training shards: give the unlabeled images as "
+                             "WebDataset shards too (a .tar path or brace pattern)")  # fmt: skip
         if self.dataset == "filelist" and self.files is None:
             raise ValueError("dataset 'filelist' needs `files` (train, test and optionally val list files)")
         if self.dataset == "webdataset" and self.shards is None:
@@ -761,6 +794,15 @@ class PipelineConfig(Section):
                                  f"data.dataset is {self.data.dataset}")  # fmt: skip
         return self
 
+    @model_validator(mode="after")
+    def _unlabeled_images_need_real_data(self) -> PipelineConfig:
+        """Data-free distillation reads no training image: unlabelled ones would be ignored without a word."""
+        data = self.data
+        if self.distill.data == "synthetic" and (data.unlabeled is not None or data.labels_per_class is not None):
+            key = "unlabeled" if data.unlabeled is not None else "labels_per_class"
+            raise ValueError(f"data.{key}: distill.data: synthetic trains on generated images only; drop one")
+        return self
+
 
 class LoadedConfig:
     """A validated config plus where it came from (relative paths resolve against its folder)."""
@@ -804,6 +846,9 @@ class LoadedConfig:
         section = getattr(self.config, "validate_" if name == "validate" else name).model_dump(mode="json")
         if name == "data":
             section.pop("workers", None)
+            for key in ("unlabeled", "labels_per_class"):  # unset: keys of runs from before they existed stay valid
+                if section.get(key) is None:
+                    section.pop(key, None)
         return section
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import GateConfig, LoadedConfig
+from kdpipe.config import FILE_DATASETS, GateConfig, LoadedConfig
 from kdpipe.diskspace import check_folder_layout, check_run_space, check_writable_dir, existing_ancestor
 from kdpipe.errors import ConfigError, UsageError, describe
 
@@ -104,6 +104,8 @@ def preflight(
         check_variants(cfg)
     if "distill" in stale:
         check_crd_memory(cfg)
+    if stale & _data_stages():
+        check_labels(cfg)
     if stale & {"teacher", "features", "distill"}:
         check_models(cfg, stale, sizing)
     check_disk_space(cfg, stale, sizing, entries or {})
@@ -345,6 +347,39 @@ def check_crd_memory(cfg: LoadedConfig) -> None:
         )
 
 
+def check_labels(cfg: LoadedConfig) -> None:
+    """``data.labels_per_class`` and ``data.unlabeled``, before any stage reads the data: every class has that many
+    training images; the unlabelled images exist and hold images (the plan's fingerprint listed them), are no
+    validation or test image of the dataset, fit the memory budget beside a dataset held in memory, and can be read
+    the way the dataset is (shards beside a streamed file list cannot). A damaged image is found where the images
+    are decoded, as the dataset's own are."""
+    data = cfg.config.data
+    if data.unlabeled is None and data.labels_per_class is None:
+        return
+    from kdpipe.ml import imagedata, unlabeled
+
+    if data.labels_per_class is not None:
+        classes, labels, rows = imagedata.training_labels(cfg)
+        unlabeled.keep_labels(labels, rows, data.labels_per_class, data.seed, classes, cfg.source)
+    extra = unlabeled.listing(cfg)
+    if extra is None or data.dataset == "webdataset":
+        return
+    if data.dataset in FILE_DATASETS:
+        if extra.streams_as_shards and imagedata.will_stream(cfg):
+            raise ConfigError("data.unlabeled", imagedata.SHARDS_BESIDE_FILES, cfg.source)
+        imagedata.check_not_held_out(cfg, extra)
+        return
+    shape = data_shape(cfg)
+    need = len(extra) * math.prod((shape.channels, shape.height, shape.width)) if shape else 0
+    if need > data.memory_budget_mb * 2**20:
+        raise ConfigError(
+            "data.unlabeled",
+            f"{len(extra)} unlabelled images take {need / 2**20:.0f} MiB decoded at the size of {data.dataset}, "
+            f"which is held in memory with them; over data.memory_budget_mb ({data.memory_budget_mb})",
+            cfg.source,
+        )
+
+
 def check_disk_space(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> None:
     """What the stale stages will write (and the reports) must fit, with a spare, on the disks of cache_dir and
     output_dir: refused now, naming what needs the space, rather than by the stage that meets a full disk."""
@@ -404,6 +439,12 @@ def run_writes(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict
     return writes
 
 
+def _data_stages() -> set[str]:
+    from kdpipe.stages import STAGES
+
+    return {name for name in STAGES if STAGES.get(name).uses_data}
+
+
 def _caches_features(cfg: LoadedConfig) -> bool:
     """Whether the features stage stores anything (its own key says: a stage that is off records only that)."""
     from kdpipe.stages import STAGES
@@ -449,5 +490,8 @@ def _same_disk(a: Path, b: Path) -> bool:
 
 def _training_images(cfg: LoadedConfig, total: int) -> int:
     data = cfg.config.data
+    from kdpipe.ml.unlabeled import listing
+
     n = total - max(1, round(total * data.val_fraction))
-    return min(n, data.train_subset) if data.train_subset else n
+    extra = listing(cfg)  # data.unlabeled's images train too
+    return (min(n, data.train_subset) if data.train_subset else n) + (len(extra) if extra is not None else 0)

@@ -159,6 +159,9 @@ class DistillStage(Stage):
                 if data.source_report is not None:  # image datasets: which path, images skipped while training
                     metrics["data"] = data.source_report
                 real = len(splits.train_idx)
+                unlabeled = int((data.train_y[splits.train_idx] < 0).sum())
+                if unlabeled:  # data.unlabeled / data.labels_per_class: how many training images had a label
+                    metrics["labels"] = {"labeled_images": real - unlabeled, "unlabeled_images": unlabeled}
                 metrics["training_data"] = datafree.training_data(ctx.out_dir, source, result["history"], real)
             del built, result
         scratch = next((r for r in rows if r["method"] == "scratch"), None)
@@ -182,6 +185,7 @@ def train_method(
     ``seconds`` (and, with ``distill.data: synthetic``, the generator's batch ``source``)."""
     import torch
 
+    from kdpipe.ml.data import labeled_part
     from kdpipe.ml.entrypoints import resolve_model_name
     from kdpipe.ml.training import fit
     from kdpipe.stages.distillers import OnlineTeacher
@@ -212,7 +216,7 @@ def train_method(
         model=built.trainable,
         trainable=built.trainable,
         loss_fn=lambda b: distiller.loss(built, b, teacher_signals(b)),
-        splits=splits,
+        splits=splits if distiller.learns_from_unlabeled() else labeled_part(splits),  # no teacher: labels only
         conf=conf.train,
         augment=cfg.config.data.augment,
         work_dir=work_dir,

@@ -40,6 +40,7 @@ class FeaturesStage(Stage):
         section = super().config(cfg)
         if not caches_features(cfg):  # nothing else matters when it is off
             return {"features": {"enabled": False}}
+        section["data"].pop("labels_per_class", None)  # which images keep their labels changes no teacher output
         return section
 
     def check(self, cfg: Any) -> None:

@@ -51,6 +51,7 @@ def finetune(
     import torch
 
     from kdpipe.exporters.qad import attach, calibrate, detach, settle_dead_channels
+    from kdpipe.ml.data import labeled_part
     from kdpipe.ml.device import pick_device
     from kdpipe.ml.models import load_teacher
     from kdpipe.ml.split import split_model
@@ -89,7 +90,7 @@ def finetune(
         model=student,
         trainable=student,
         loss_fn=lambda b: distiller.loss(built, b, signals(b)),
-        splits=splits,
+        splits=splits if distiller.learns_from_unlabeled() else labeled_part(splits),  # as it was distilled
         conf=qad_recipe(conf),
         augment=cfg.config.data.augment,
         work_dir=work_dir,

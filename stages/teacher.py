@@ -21,8 +21,9 @@ class TeacherStage(Stage):
 
     def config(self, cfg: LoadedConfig) -> dict[str, Any]:
         section = super().config(cfg)
-        if not cfg.config.teacher.trains:  # the recipe does not shape a loaded teacher
+        if not cfg.config.teacher.trains:  # the recipe does not shape a loaded teacher, nor which labels it trains on
             section["teacher"].pop("train")
+            section["data"].pop("labels_per_class", None)
             return section
         return self.training_config(cfg, section)
 
@@ -101,6 +102,8 @@ class TeacherStage(Stage):
 
     def describe(self, ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         """The teacher's spec (what rebuilds it) and the metrics every source reports (the data it saw)."""
+        from kdpipe.ml.data import labeled_part
+
         conf = ctx.conf
         data, splits = ctx.data()
         spec = {
@@ -120,7 +123,8 @@ class TeacherStage(Stage):
                 "name": data.name,
                 "classes": data.classes,
                 "input_shape": list(data.input_shape),
-                "train_images": len(splits.train_idx),
+                # a trained teacher trains on the labelled ones (data.unlabeled, data.labels_per_class)
+                "train_images": len((labeled_part(splits) if conf.trains else splits).train_idx),
                 "val_images": len(splits.val_idx),
                 "test_images": len(data.test_y),
             },
@@ -161,6 +165,7 @@ class TeacherStage(Stage):
         """Train with the teacher recipe; None on a torchrun rank other than 0."""
         from torch import nn
 
+        from kdpipe.ml.data import labeled_part
         from kdpipe.ml.device import pick_device
         from kdpipe.ml.distributed import world
         from kdpipe.ml.training import fit
@@ -171,7 +176,7 @@ class TeacherStage(Stage):
             model=model,
             trainable=model,
             loss_fn=lambda b: criterion(model(b.x), b.y),
-            splits=ctx.data()[1],
+            splits=labeled_part(ctx.data()[1]),  # the labelled training images (data.unlabeled's have no label)
             conf=conf.train,
             augment=ctx.cfg.config.data.augment,
             work_dir=ctx.work_dir,

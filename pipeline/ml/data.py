@@ -71,6 +71,20 @@ class Splits:
     def val_y(self) -> torch.Tensor:
         return self.data.train_y[self.val_idx]
 
+    def labeled_part(self) -> Splits:
+        """The same splits with only the labelled training images."""
+        return Splits(self.data, self.train_idx[self.data.train_y[self.train_idx] >= 0], self.val_idx)
+
+
+def labeled_part(splits: Any) -> Any:
+    """``splits`` (in memory or streamed) with only its labelled training images (label >= 0; ``data.unlabeled``
+    and ``data.labels_per_class`` add unlabelled ones): what trains on labels alone (a teacher, ``scratch``) reads.
+    ``splits`` itself when every training image has its label."""
+    labels = splits.data.train_y[splits.train_idx]
+    if len(labels) == 0 or int(labels.min()) >= 0:
+        return splits
+    return splits.labeled_part()
+
 
 def _read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     """An IDX file (gzipped or not) as an array; a damaged file is one line naming it and what is wrong."""
@@ -203,9 +217,9 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
 
 @dataclass
 class Batch:
-    """One training batch: normalised images, labels, their dataset indices and (with cached teacher
-    features) which precomputed augmented view of each image this is; ``epoch`` (0-based) is set by the training
-    loop, for losses scheduled over epochs (DKD's warm-up)."""
+    """One training batch: normalised images, labels (-1: an unlabelled image, see :attr:`labeled`), their dataset
+    indices and (with cached teacher features) which precomputed augmented view of each image this is; ``epoch``
+    (0-based) is set by the training loop, for losses scheduled over epochs (DKD's warm-up)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -213,6 +227,11 @@ class Batch:
     view: torch.Tensor | None = None
     local: bool = False  # already this rank's share (streamed batches are read per rank)
     epoch: int = 0
+
+    @property
+    def labeled(self) -> torch.Tensor:
+        """Which images have a label (bool, N): unlabelled ones (``data.unlabeled``) carry label -1."""
+        return self.y >= 0
 
     def shard(self, rank: int, size: int) -> Batch:
         """This rank's share of a global batch (data-parallel training)."""

@@ -129,7 +129,8 @@ class ShardImages(torch.utils.data.IterableDataset):
     Shards are shuffled per epoch (seeded), then split first across data-parallel ranks and then across
     loader workers, so each process reads its own shards. ``keep`` selects samples by the stable hash of
     their key: the held-out validation part of the training shards, or the rest. With ``rows`` an item's index is
-    the sample's row in the training split (else -1).
+    the sample's row in the training split (else -1). Samples of the ``unlabeled`` shards (``data.unlabeled``) are
+    never held out and carry label -1.
     """
 
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -147,11 +148,13 @@ class ShardImages(torch.utils.data.IterableDataset):
         size: int = 1,
         keep: tuple[int, float, bool] | None = None,
         rows: ShardRows | None = None,
+        unlabeled: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self.shards, self.geo, self.transform, self.draft = shards, geo, transform, draft
         self.seed, self.shuffle, self.rank, self.size, self.keep = seed, shuffle, rank, size, keep
         self.rows = rows
+        self.unlabeled = unlabeled
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -185,13 +188,14 @@ class ShardImages(torch.utils.data.IterableDataset):
         stream: Any = iter(wds.DataPipeline(*stages))
         for sample in stream:
             key = sample["__key__"]
-            if self.keep is not None:
+            free = sample.get("__url__") in self.unlabeled  # an unlabelled sample: all training, no label
+            if self.keep is not None and not free:
                 seed, fraction, val = self.keep
                 if (hash_fraction(seed, np.array([key.encode()]))[0] < fraction) != val:
                     continue
             source = next((sample[e] for e in self.IMAGE_EXTS if e in sample), None)
             name = f"{sample.get('__url__', '?')}:{key}"
-            label = int(sample.get("cls", b"-1").decode().strip() or -1)
+            label = -1 if free else int(sample.get("cls", b"-1").decode().strip() or -1)
             index = int.from_bytes(key.encode()[-7:].rjust(7, b"\0"), "big") % (2**31)
             if source is None:
                 yield torch.zeros(self.geo.shape, dtype=torch.uint8), label, -1, f"{name}: no image member"

@@ -182,8 +182,9 @@ def check_shard(path: Path) -> None:
         raise UsageError(f"{path}: not a tar file (WebDataset shards are tar archives)")
 
 
-def shard_index(path: Path) -> tuple[list[str], list[int]]:
-    """Sample keys and their ``cls`` labels in one shard (reads the headers and the small label members)."""
+def shard_index(path: Path, labeled: bool = True) -> tuple[list[str], list[int]]:
+    """Sample keys and their ``cls`` labels in one shard (reads the headers and the small label members);
+    ``labeled=False``: shards of unlabelled samples (``data.unlabeled``), whose labels are -1 and not read."""
     check_shard(path)
     keys: dict[str, int] = {}
     try:
@@ -194,7 +195,7 @@ def shard_index(path: Path) -> tuple[list[str], list[int]]:
                 base = member.name.rsplit("/", 1)[-1]
                 stem, _, ext = base.partition(".")
                 key = member.name[: len(member.name) - len(base)] + stem
-                if ext.lower() in ("cls", "label"):
+                if ext.lower() in ("cls", "label") and labeled:
                     raw = tar.extractfile(member).read()  # type: ignore[union-attr]
                     keys[key] = int(raw.decode().strip())
                 else:
@@ -202,7 +203,7 @@ def shard_index(path: Path) -> tuple[list[str], list[int]]:
     except (tarfile.TarError, ValueError, OSError) as exc:
         raise UsageError(f"{path}: damaged shard ({exc})") from None
     unlabelled = [k for k, v in keys.items() if v < 0]
-    if unlabelled:
+    if unlabelled and labeled:
         raise UsageError(f"{path}: sample '{unlabelled[0]}' has no .cls label")
     return list(keys), list(keys.values())
 

@@ -14,6 +14,7 @@ Memory therefore depends on the batch size, the workers and their prefetch, not 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class StreamData:
         self.test_x = LazyImages(self, "test", self._rows("test"), self.test_y)
         self.val_labels = labels.get("val")  # shards with their own val split
         self.shard_rows: Any = None  # shards: each training sample's row in the training split (ShardRows)
+        self.unlabeled_shards: list[Any] = []  # shards of unlabelled training samples (data.unlabeled), read after
 
     def _rows(self, split: str) -> np.ndarray | None:
         src = self.sources[split]
@@ -202,6 +204,18 @@ class StreamSplits:
             self.val_x = LazyImages(data, "val", None, data.val_labels)
         self.val_y = self.val_x.labels
         self._train: dict[tuple[int, int, int, int], Any] = {}
+        self.with_unlabeled = True  # shards: read data.unlabeled's shards too (file lists: their rows are in train_idx)
+
+    def labeled_part(self) -> StreamSplits:
+        """The same splits with only the labelled training images (see :func:`kdpipe.ml.data.labeled_part`)."""
+        part = copy.copy(self)
+        part._train = {}
+        labels = self.data.train_y[self.train_idx]
+        if self.streamed_train:  # shards: the labelled samples are the training shards', listed first
+            part.train_idx, part.with_unlabeled = torch.arange(int((labels >= 0).sum())), False
+        else:
+            part.train_idx = self.train_idx[labels >= 0]
+        return part
 
     def _sampler_loader(self, batch_size: int, seed: int) -> tuple[Any, Any]:
         """The epoch source (sampler or shard stream) and loader for this process; workers persist across epochs."""
@@ -216,9 +230,10 @@ class StreamSplits:
             transform, draft = d.transforms["train"] or d.transforms["eval"]
             if self.streamed_train:
                 shards, keep = d.sources["train"]
+                extra = d.unlabeled_shards if self.with_unlabeled else []
                 ds = ShardImages(
-                    shards, d.geo, transform, draft, seed=seed, shuffle=True, rank=rank, size=size, keep=keep,
-                    rows=d.shard_rows,
+                    [*shards, *extra], d.geo, transform, draft, seed=seed, shuffle=True, rank=rank, size=size,
+                    keep=keep, rows=d.shard_rows, unlabeled=frozenset(str(p) for p in extra),
                 )  # fmt: skip
                 self._train[key] = (ds, d.loaders.make(ds, batch_size=local))
             else:

@@ -12,6 +12,7 @@ from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
 from kdpipe.ml import filelists
 from kdpipe.ml.filelists import configured_root
+from kdpipe.ml.unlabeled import fingerprint as fingerprint_unlabeled
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
@@ -115,7 +116,15 @@ def listing(cfg: LoadedConfig) -> filelists.Listing:
 
 
 def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
-    """A fingerprint of the dataset's files: it changes when their content does."""
+    """A fingerprint of the dataset's files (and of ``data.unlabeled``'s): it changes when their content does."""
+    found = _dataset_fingerprint(cfg, memo)
+    unlabeled = fingerprint_unlabeled(cfg, memo.file if cfg.config.data.fingerprint == "content" else None)
+    if unlabeled is None:
+        return found
+    return {**found, "unlabeled": unlabeled}  # data.unlabeled's images, listed (and checked) before any stage
+
+
+def _dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
     data: DataConfig = cfg.config.data
     if data.dataset == "synthetic":
         return {"dataset": "synthetic"}  # fully described by data.synthetic, which is in the key

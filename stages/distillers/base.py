@@ -112,6 +112,13 @@ class Distiller(abc.ABC):
         not pooled) and/or ``logits``."""
 
     @classmethod
+    def learns_from_unlabeled(cls) -> bool:
+        """Whether a loss term works without labels (a term against the teacher's signals), so unlabelled training
+        images (``data.unlabeled``) help; methods that ask the teacher for nothing (scratch, zipf_ls) train on the
+        labelled images only."""
+        return bool(cls.signals)
+
+    @classmethod
     def rebuild(cls, spec: dict[str, Any]) -> nn.Module:
         """The deployable student, freshly initialised, from its spec alone. Default: the plain student."""
         return DataInfo.of_spec(spec).create(spec["student_arch"], spec.get("student_kwargs"))
@@ -240,6 +247,17 @@ def spec_shapes(s_shape: tuple[int, int, int], t_shape: tuple[int, int, int]) ->
 
 def pool(x: torch.Tensor, size: list[int] | tuple[int, int] | None) -> torch.Tensor:
     return x if size is None else F.adaptive_avg_pool2d(x, tuple(size))
+
+
+def labeled_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with the labels over the batch's labelled images only (label -1: an unlabelled image,
+    ``data.unlabeled``): their mean, and 0 (not NaN) for a batch without any. Every loss term that needs a label
+    goes through it; terms against the teacher see every image."""
+    labeled = labels >= 0
+    if bool(labeled.all()):
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    per_image = F.cross_entropy(logits, labels.clamp_min(0), label_smoothing=label_smoothing, reduction="none")
+    return (per_image * labeled).sum() / labeled.sum().clamp_min(1)
 
 
 class OnlineTeacher:

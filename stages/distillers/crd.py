@@ -46,6 +46,7 @@ from kdpipe.stages.distillers.base import (
     DataInfo,
     Distiller,
     TeacherParts,
+    labeled_ce,
     spec_shapes,
     split_facts,
     teacher_split,
@@ -237,7 +238,7 @@ class CRD(Distiller):
             v_s = net.embed_s(features.float())
             v_t = net.embed_t(teacher["features"].float())
             crd = net.memory(batch.index, v_s, v_t)
-        loss = F.cross_entropy(logits, batch.y, label_smoothing=spec["label_smoothing"]) + spec["beta"] * crd
+        loss = labeled_ce(logits, batch.y, spec["label_smoothing"]) + spec["beta"] * crd  # the contrast: every image
         if spec["kd_weight"]:  # alpha 1: T²·KL alone
             loss = loss + spec["kd_weight"] * kd_loss(logits, teacher["logits"], batch.y, spec["kd_temperature"], 1.0)
         return loss

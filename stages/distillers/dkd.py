@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
-from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
+from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts, labeled_ce
 
 
 def non_target(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -64,9 +64,11 @@ def dkd_loss(
     weight: float = 1.0,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """``CE + weight·T²·mean(alpha·TCKD + beta·NCKD)`` on logits (N, K)."""
-    tckd, nckd = dkd_terms(student, teacher, labels, temperature)
-    ce = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    """``CE + weight·T²·mean(alpha·TCKD + beta·NCKD)`` on logits (N, K). An unlabelled image (label -1) is left out
+    of the CE, and its two terms take the teacher's class as the target one."""
+    targets = torch.where(labels >= 0, labels, teacher.argmax(1))
+    tckd, nckd = dkd_terms(student, teacher, targets, temperature)
+    ce = labeled_ce(student, labels, label_smoothing)
     return ce + weight * temperature**2 * (alpha * tckd + beta * nckd).mean()
 
 

@@ -23,6 +23,7 @@ from kdpipe.stages.distillers.base import (
     DataInfo,
     Distiller,
     TeacherParts,
+    labeled_ce,
     pool,
     spec_shapes,
     split_facts,
@@ -73,5 +74,5 @@ class FitNet(Distiller):
         logits = net.head(features)
         hint = net.regressor(pool(features, spec["student_pool_to"]))
         target = pool(teacher["features"], spec["teacher_pool_to"]).to(hint.dtype)
-        ce = F.cross_entropy(logits, batch.y, label_smoothing=spec["label_smoothing"])
+        ce = labeled_ce(logits, batch.y, spec["label_smoothing"])  # the hint needs no label: every image
         return ce + spec["beta"] * F.mse_loss(hint, target)

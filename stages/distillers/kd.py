@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
-from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
+from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts, labeled_ce
 
 
 def kd_loss(
@@ -23,11 +23,14 @@ def kd_loss(
     alpha: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Hinton's loss on logits (N, K): ``(1-alpha)·CE + alpha·T²·KL(teacher ‖ student)`` at temperature T."""
+    """Hinton's loss on logits (N, K): ``(1-alpha)·CE + alpha·T²·KL(teacher ‖ student)`` at temperature T; the
+    soft term over every image, the CE over the labelled ones (label -1: unlabelled; none computed at alpha 1)."""
     t = temperature
     soft = F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher.to(student.dtype) / t, dim=1),
                     reduction="batchmean")  # fmt: skip
-    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    if alpha == 1:
+        return t * t * soft
+    hard = labeled_ce(student, labels, label_smoothing)
     return (1 - alpha) * hard + alpha * t * t * soft
 
 

@@ -1,17 +1,17 @@
 """scratch: the student trained on the labels alone (no teacher), the baseline every method must beat.
 
 Plain cross-entropy with ``distill.train.label_smoothing``, the same recipe, seed and initialisation as
-the distilled students. The deployable is the plain student.
+the distilled students, on the labelled training images only (unlabelled ones, ``data.unlabeled``, have nothing to
+teach it). The deployable is the plain student.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig
 from kdpipe.ml.data import Batch
-from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts
+from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts, labeled_ce
 
 
 @DISTILLERS.register()
@@ -26,4 +26,4 @@ class Scratch(Distiller):
         return Built(model=model, trainable=model, spec=spec)
 
     def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(built.model(batch.x), batch.y, label_smoothing=built.spec["label_smoothing"])
+        return labeled_ce(built.model(batch.x), batch.y, built.spec["label_smoothing"])
