@@ -192,8 +192,8 @@ class Cache:
     def abandon(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
-    def clean(self, keep: dict[str, str] | None = None) -> int:
-        """Remove entries (all, or all but the ``keep`` stage→key map). Returns the number removed."""
+    def clean(self, keep: dict[str, set[str]] | None = None) -> int:
+        """Remove entries (all, or all but the ``keep`` stage→keys map). Returns the number removed."""
         removed = 0
         if not self.root.exists():
             return 0
@@ -201,7 +201,7 @@ class Cache:
             if not stage_dir.is_dir():
                 continue
             for entry in stage_dir.iterdir():
-                if keep and keep.get(stage_dir.name) == entry.name:
+                if keep and entry.name in keep.get(stage_dir.name, ()):
                     continue
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
                 removed += 1

@@ -8,13 +8,16 @@ torch: ``kdpipe status`` and config validation stay fast.
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 import kdpipe.teachers as shipped
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, UsageError
 from kdpipe.launch import launched_world_size
 from kdpipe.yamlfile import load_file as load_yaml_file
 from kdpipe.yamlfile import loads as load_yaml
@@ -323,6 +326,46 @@ class TeacherConfig(Section):
     def trains(self) -> bool:
         """Whether the teacher stage trains this teacher (by the recipe) rather than loading it."""
         return self.source == "train" or (self.source == "python" and not self.path)
+
+
+#: the name of the one teacher of a run with ``teacher:``, and of the ensemble in reports and gates with ``teachers:``
+TEACHER = "teacher"
+
+
+def stage_instance(stage: str, teacher: str | None) -> str:
+    """The name of a stage's work for one of several teachers (``teacher:r20``), or the stage's own name. Such
+    instances' cache entries live in their stage's folder (``teacher/KEY``): the key tells them apart."""
+    return f"{stage}:{teacher}" if teacher else stage
+
+
+def stage_of(name: str) -> str:
+    """The stage (its cache folder) of a stage or stage instance name: ``teacher:r20`` → ``teacher``."""
+    return name.partition(":")[0]
+
+
+class TeacherMember(TeacherConfig):
+    """One of several teachers (`teachers`): everything a teacher has, plus its name and its weight."""
+
+    name: str = Field(
+        description="The teacher's name: its entry in the report, the model a gate names, and its stage instances "
+        "(`teacher:NAME`, `features:NAME`). Letters, digits, `_` and `-`; not `teacher` (the ensemble) or `student`.",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Its weight in the ensemble's average (of logits; of softened probabilities for method kd), "
+        "normalised over the teachers.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", value):
+            raise ValueError(f"'{value}': use letters, digits, _ and - (it names a report entry and a gate's model)")
+        if value in (TEACHER, "student") or value.startswith("student-"):
+            raise ValueError(f"'{value}' is reserved ('teacher' is the ensemble, 'student' and 'student-*' the "
+                             "student and its variants); choose another name")  # fmt: skip
+        return value
 
 
 class FeaturesConfig(Section):
@@ -758,6 +801,11 @@ class PipelineConfig(Section):
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="The teacher stage: which teacher, and how it is trained or loaded."
     )
+    teachers: list[TeacherMember] | None = Field(
+        None,
+        description="Several teachers instead of `teacher` (an ensemble, at least two): each is trained or loaded and "
+        "cached on its own, and the student learns from all of them (docs/teachers.md, 'Several teachers').",
+    )
     features: FeaturesConfig = Field(
         default_factory=FeaturesConfig,
         description="The features stage: the frozen teacher's feature maps and logits, computed once and cached.",
@@ -787,12 +835,47 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _shipped_teacher_fits_the_data(self) -> PipelineConfig:
         """A shipped teacher knows one dataset; on another one it would silently be a bad teacher."""
-        if shipped.is_shipped(self.teacher.path):
-            trained_on = shipped.entry(self.teacher.path)["dataset"]
-            if trained_on != self.data.dataset:
-                raise ValueError(f"teacher.path: {self.teacher.path} was trained on {trained_on}, "
-                                 f"data.dataset is {self.data.dataset}")  # fmt: skip
+        for key, teacher in self.teacher_keys():
+            if shipped.is_shipped(teacher.path):
+                trained_on = shipped.entry(teacher.path)["dataset"]
+                if trained_on != self.data.dataset:
+                    raise ValueError(f"{key}.path: {teacher.path} was trained on {trained_on}, "
+                                     f"data.dataset is {self.data.dataset}")  # fmt: skip
         return self
+
+    @model_validator(mode="after")
+    def _one_ensemble(self) -> PipelineConfig:
+        """``teacher`` or ``teachers``, never both; at least two teachers, each named once; shipped teachers made for
+        the same classes and images."""
+        if self.teachers is None:
+            return self
+        if "teacher" in self.model_fields_set:
+            raise ValueError("teacher and teachers are both given: `teacher` is one teacher, `teachers` a list of "
+                             "several; keep one")  # fmt: skip
+        if len(self.teachers) < 2:
+            raise ValueError("teachers: lists one teacher; one teacher is `teacher:` (teachers is for two or more)")
+        first: dict[str, int] = {}
+        for i, member in enumerate(self.teachers):
+            if member.name in first:
+                raise ValueError(f"teachers.{i}.name: '{member.name}' is also teachers.{first[member.name]}'s name; "
+                                 "each teacher needs its own")  # fmt: skip
+            first[member.name] = i
+        made = [(f"teachers.{i}", shipped.entry(m.path)) for i, m in enumerate(self.teachers)
+                if shipped.is_shipped(m.path)]  # fmt: skip
+        for key, e in made[1:]:
+            e0 = made[0][1]
+            for what, a, b in (("classes", len(e0["classes"]), len(e["classes"])),
+                               ("input shape", e0["input_shape"], e["input_shape"])):  # fmt: skip
+                if a != b:
+                    raise ValueError(f"{key}.path: {e0.get('file')} and {e.get('file')} were made for another {what} "
+                                     f"({a} vs {b}); an ensemble's teachers classify the same images")  # fmt: skip
+        return self
+
+    def teacher_keys(self) -> list[tuple[str, TeacherConfig]]:
+        """(config key, teacher) of every teacher: ``[("teacher", teacher)]``, or ``teachers.0``, ``teachers.1``, …"""
+        if self.teachers is None:
+            return [(TEACHER, self.teacher)]
+        return [(f"teachers.{i}", member) for i, member in enumerate(self.teachers)]
 
     @model_validator(mode="after")
     def _unlabeled_images_need_real_data(self) -> PipelineConfig:
@@ -814,6 +897,61 @@ class LoadedConfig:
         #: what is derived once per loaded config from the files it names (the image file listing), so the
         #: fingerprint, the streaming decision and the loading of one run see the same files, walked once
         self.memo: dict[str, Any] = {}
+        #: (config key, name) of the teacher a :meth:`for_teacher` view is of (``("teachers.1", "r20")``), else None
+        self.member: tuple[str, str] | None = None
+        self._views: dict[str, LoadedConfig] = {}
+
+    @property
+    def several_teachers(self) -> bool:
+        """Whether the config lists several teachers (``teachers``) rather than one (``teacher``)."""
+        return self.config.teachers is not None
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers' names in config order: ``["teacher"]`` for one teacher, else each one's ``name``."""
+        return [m.name for m in self.config.teachers] if self.config.teachers else [TEACHER]
+
+    @property
+    def teacher_weights(self) -> list[float]:
+        """Each teacher's weight in the ensemble's average, normalised to sum to 1 (``[1.0]`` for one teacher)."""
+        weights = [m.weight for m in self.config.teachers] if self.config.teachers else [1.0]
+        return [w / sum(weights) for w in weights]
+
+    def teacher_key(self, name: str) -> str:
+        """The config key of teacher ``name``: ``teacher``, or ``teachers.I`` of one of several."""
+        return f"teachers.{self.teacher_names.index(name)}" if self.config.teachers else TEACHER
+
+    def for_teacher(self, name: str) -> LoadedConfig:
+        """The config as the work of teacher ``name`` sees it: a single-teacher config whose ``teacher`` is that
+        one (without name and weight). Its teacher and features stages then have exactly the keys a single-teacher
+        run of the same teacher has, so changing one teacher re-runs only its own work and a teacher trained alone
+        is reused by an ensemble. The config itself for a single teacher."""
+        if self.config.teachers is None:
+            return self
+        if name not in self._views:
+            i = self.teacher_names.index(name)
+            member = self.config.teachers[i]
+            plain = TeacherConfig.model_validate(member.model_dump(exclude={"name", "weight"}))
+            view = LoadedConfig(self.config.model_copy(update={"teacher": plain, "teachers": None}), self.path)
+            view.base, view.memo, view.member = self.base, self.memo, (f"teachers.{i}", name)
+            self._views[name] = view
+        return self._views[name]
+
+    @contextmanager
+    def member_errors(self) -> Iterator[None]:
+        """In a :meth:`for_teacher` view, errors naming ``teacher.KEY`` name the teacher's own key instead
+        (``teachers.1.KEY``): the view is a single-teacher config, the user's file lists several."""
+        try:
+            yield
+        except ConfigError as exc:
+            if self.member is None or not (exc.key == TEACHER or exc.key.startswith(f"{TEACHER}.")):
+                raise
+            raise ConfigError(self.member[0] + exc.key[len(TEACHER) :], exc.detail, exc.source) from None
+        except UsageError as exc:
+            text = str(exc)
+            if self.member is None or isinstance(exc, ConfigError) or not text.startswith(f"{TEACHER}."):
+                raise
+            raise UsageError(self.member[0] + text[len(TEACHER) :]) from None
 
     @property
     def source(self) -> str:
@@ -933,7 +1071,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as strict YAML) to raw config data."""
+    """Apply ``key.path=value`` overrides (values parsed as strict YAML) to raw config data (a copy: a mapping that
+    YAML shares between places, through an anchor and its aliases, is changed in the one place named)."""
+    data = _unshared(data) if overrides else data
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -941,13 +1081,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key or any(not p.strip() for p in parts):
             raise ConfigError("", f"--set '{item}' must look like key.path=value, e.g. distill.train.epochs=3")
         value = load_yaml(raw, f"--set {key}")
-        node = data
+        node: Any = data
         for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # an item of a list by its index: teachers.1.train.lr=0.2
+                node = node[_index(node, part, key, ".".join(parts[:depth]))]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, dict | list):
                 where = ".".join(parts[: depth + 1])
                 raise ConfigError(key, f"cannot set a key below {where}, which is not a mapping", "--set")
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_index(node, parts[-1], key, ".".join(parts[:-1]))] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _unshared(node: Any) -> Any:
+    """A copy of YAML data in which no mapping or list appears twice (``copy.deepcopy`` would keep aliases shared)."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
+
+def _index(items: list[Any], part: str, key: str, where: str) -> int:
+    """``part`` as an index of the list at ``where`` (an override's key path), or a ConfigError saying which exist."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(key, f"{where} is a list of {len(items)}: give an index from 0 to {len(items) - 1}", "--set")
+    return int(part)

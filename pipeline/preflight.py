@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import FILE_DATASETS, GateConfig, LoadedConfig
+from kdpipe.config import FILE_DATASETS, GateConfig, LoadedConfig, stage_instance, stage_of
 from kdpipe.diskspace import check_folder_layout, check_run_space, check_writable_dir, existing_ancestor
 from kdpipe.errors import ConfigError, UsageError, describe
 
@@ -64,6 +64,10 @@ class Sizing:
     feature_shape: tuple[int, ...] | None = None
     #: each method the distill stage trains: its :class:`~kdpipe.stages.distillers.Built` (deployed and trainable)
     students: dict[str, Any] = field(default_factory=dict)
+    #: the teacher's body/head split, when the run cuts it
+    split: Any = None
+    #: several teachers: what was built for each (by name)
+    members: dict[str, Sizing] = field(default_factory=dict)
 
 
 def data_shape(cfg: LoadedConfig) -> Shape | None:
@@ -92,6 +96,7 @@ def preflight(
     """Raise the first problem the stages in ``stale`` (or the gates, when the run is ``complete``) would meet.
     ``entries``: the cache folders of the stages that are not stale (what the disk-space estimate reads sizes of)."""
     stale = set(stale)
+    kinds = {stage_of(name) for name in stale}  # several teachers: teacher:NAME is a teacher stage
     sizing = Sizing()
     for key in ("cache_dir", "output_dir"):
         check_writable_dir(getattr(cfg, key), key, cfg.source)
@@ -103,10 +108,13 @@ def preflight(
     if "export" in stale:
         check_variants(cfg)
     if "distill" in stale:
+        check_methods(cfg)  # several teachers: the methods that can learn from them (crd's memory is one teacher's)
         check_crd_memory(cfg)
-    if stale & _data_stages():
+    if kinds & _data_stages():
         check_labels(cfg)
-    if stale & {"teacher", "features", "distill"}:
+    if cfg.several_teachers and kinds & {"teacher", "features", "distill"}:
+        check_ensemble(cfg, stale, sizing)
+    elif stale & {"teacher", "features", "distill"}:
         check_models(cfg, stale, sizing)
     check_disk_space(cfg, stale, sizing, entries or {})
 
@@ -146,6 +154,8 @@ def run_models(cfg: LoadedConfig) -> dict[str, dict[str, Any]]:
     }
     for variant in conf.export.variants:
         models[f"student-{variant}"] = {"exported": True, "agreement_with_teacher": False}
+    for name in cfg.teacher_names if cfg.several_teachers else ():  # each teacher, by name; `teacher`: the ensemble
+        models[name] = {"exported": False, "agreement_with_teacher": False, "member": True}
     return models
 
 
@@ -200,6 +210,8 @@ def _gate_problem(
         return f"the run will have no model '{g.model}'; models: {', '.join(models)}"
     if g.metric == "agreement_with_teacher" and not model["agreement_with_teacher"]:
         return "agreement_with_teacher is measured for the student only"
+    if (g.metric in LATENCY | PARITY or g.metric == "file_bytes") and model.get("member"):
+        return f"'{g.model}' is one of the teachers, which are exported and benchmarked together, as 'teacher'"
     if (g.metric in LATENCY | PARITY or g.metric == "file_bytes") and not model["exported"]:
         return f"'{g.model}' is not exported (set export.teacher: true)"
     if g.metric == "speedup_p50" and not models["teacher"]["exported"]:
@@ -296,6 +308,7 @@ def _check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
     if wants_features or conf.teacher.feature_node or conf.features.enabled:
         split = _cut(split_model, built["teacher"], example, conf.teacher.feature_node, "teacher.feature_node", cfg)
     sizing.feature_shape = tuple(split.feature_shape) if split is not None else None
+    sizing.split = split
     if "distill" in stale:
         input_shape = (shape.channels, shape.height, shape.width)
         info = DataInfo(shape.classes, input_shape, [str(i) for i in range(shape.classes)])
@@ -317,6 +330,55 @@ def _check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
                     f"{describe(exc, limit=None)}",
                     cfg.source,
                 ) from None
+
+
+def check_ensemble(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
+    """Several teachers: each one checked as a single-teacher run of it is (:func:`check_models`; its errors name
+    its own key, ``teachers.I``), then every student the run trains built for all of them (a projector or regressor
+    each)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        for name in cfg.teacher_names:
+            view = cfg.for_teacher(name)
+            own = {kind for kind in ("teacher", "features") if stage_instance(kind, name) in stale}
+            own |= stale & {"distill"}
+            sizing.members[name] = Sizing()
+            with view.member_errors():
+                _check_models(view, own, sizing.members[name])
+        if "distill" in stale:
+            _check_ensemble_students(cfg, sizing)
+
+
+def check_methods(cfg: LoadedConfig) -> None:
+    """Several teachers: every method the run trains can learn from them, on real images."""
+    from kdpipe.stages.distill import check_ensemble
+
+    check_ensemble(cfg)
+
+
+def _check_ensemble_students(cfg: LoadedConfig, sizing: Sizing) -> None:
+    from kdpipe.ml.entrypoints import resolve_model_name
+    from kdpipe.ml.teacher_build import teacher_arch
+    from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
+
+    shape = data_shape(cfg)
+    if shape is None or any(m.split is None and "teacher" in m.models for m in sizing.members.values()):
+        return  # the models' shapes depend on data only the stages read (checked per teacher where they can be)
+    distill = cfg.config.distill
+    info = DataInfo(shape.classes, (shape.channels, shape.height, shape.width), [str(i) for i in range(shape.classes)])
+    parts = []
+    for name, weight in zip(cfg.teacher_names, cfg.teacher_weights, strict=True):
+        teacher = cfg.for_teacher(name).config.teacher
+        arch = teacher_arch(teacher, cfg.base) if teacher.source != "torchscript" else None
+        parts.append(TeacherParts(arch, sizing.members[name].split, dict(teacher.kwargs), name=name, weight=weight))
+    student = resolve_model_name(distill.student, cfg.base)
+    for method in dict.fromkeys([distill.method, *distill.compare]):
+        try:
+            sizing.students[method] = DISTILLERS.get(method)().build_for(parts, student, info, distill)
+        except Exception as exc:  # each teacher alone paired with the student already: what is left is the ensemble
+            message = f"{method} cannot pair '{distill.student}' with the teachers: {describe(exc)}"
+            raise ConfigError("distill.method", message, cfg.source) from None
 
 
 def _cut(split_model: Any, model: Any, example: Any, node: str | None, key: str, cfg: LoadedConfig) -> Any:
@@ -383,8 +445,26 @@ def check_labels(cfg: LoadedConfig) -> None:
 def check_disk_space(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> None:
     """What the stale stages will write (and the reports) must fit, with a spare, on the disks of cache_dir and
     output_dir: refused now, naming what needs the space, rather than by the stage that meets a full disk."""
-    if stale:  # an all-cached run only rewrites its reports, a few kilobytes, in place
-        check_run_space(run_writes(cfg, stale, sizing, entries))
+    if not stale:  # an all-cached run only rewrites its reports, a few kilobytes, in place
+        return
+    writes = run_writes(cfg, stale, sizing, entries)
+    for name in cfg.teacher_names if cfg.several_teachers else ():  # each teacher's weights, training and features
+        writes += [w for w in run_writes(*_member(cfg, name, stale, sizing, entries)) if w[0] != "reports"]
+    check_run_space(writes)
+
+
+def _member(
+    cfg: LoadedConfig, name: str, stale: set[str], sizing: Sizing, entries: dict[str, Path]
+) -> tuple[LoadedConfig, set[str], Sizing, dict[str, Path]]:
+    """Teacher ``name``'s share of a several-teacher run as a single-teacher run of it sees it: its config, its
+    stale stages and cache entries under their stages' names, and what the checks built for it."""
+
+    def own(name_of: str) -> bool:
+        return name_of == stage_instance(stage_of(name_of), name)
+
+    mine = {stage_of(s) for s in stale if own(s)}
+    return cfg.for_teacher(name), mine, sizing.members.get(name, Sizing()), {stage_of(k): v for k, v in entries.items()
+                                                                              if own(k)}  # fmt: skip
 
 
 def run_writes(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> list[Any]:
@@ -466,7 +546,10 @@ def _checkpoint_bytes(model: Any, train: Any) -> int:
 
 
 def _teacher_bytes(cfg: LoadedConfig, stale: set[str], sizing: Sizing, entries: dict[str, Path]) -> int:
-    """The teacher's weights: as built by the model checks, else its cache entry, else the file it loads."""
+    """The teacher's weights: as built by the model checks, else its cache entry, else the file it loads (several
+    teachers: all of theirs)."""
+    if cfg.several_teachers:
+        return sum(_teacher_bytes(*_member(cfg, name, stale, sizing, entries)) for name in cfg.teacher_names)
     if "teacher" in sizing.models:
         return _state_bytes(sizing.models["teacher"])
     if "teacher" not in stale:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.cache import Cache, cache_key, key_payload, library_versions
-from kdpipe.config import LoadedConfig, load_config
+from kdpipe.config import LoadedConfig, load_config, stage_instance, stage_of
 from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError, describe
 from kdpipe.fileio import FileDigests, atomic_write_json, clear_folder
 from kdpipe.launch import launched
@@ -32,7 +32,11 @@ LAST_RUN = "last_run.json"
 
 @dataclass
 class Step:
-    """One stage of a plan: its key, what the key is made of, and whether the cache has it."""
+    """One stage of a plan: its key, what the key is made of, and whether the cache has it.
+
+    With several teachers, a per-teacher stage (:attr:`Stage.per_teacher`) has one step per teacher: ``stage`` is
+    then the instance's name (``teacher:r20``), ``kind`` the stage (its code and cache folder) and ``teacher`` the
+    teacher it works for; otherwise ``kind`` is ``stage`` and ``teacher`` None."""
 
     stage: str
     key: str
@@ -42,36 +46,57 @@ class Step:
     seconds: float = 0.0
     ran: bool = False
     inputs: dict[str, str] = field(default_factory=dict)
+    kind: str = ""
+    teacher: str | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = self.kind or self.stage
+
+    def config(self, cfg: LoadedConfig) -> LoadedConfig:
+        """The config this step's stage sees: a per-teacher instance sees a single-teacher config of its teacher."""
+        return cfg.for_teacher(self.teacher) if self.teacher else cfg
 
 
 def plan(cfg: LoadedConfig, previous: dict[str, Any] | None = None) -> list[Step]:
-    """Every stage's cache key, in order, and whether it is cached (and if not, why)."""
+    """Every stage's cache key, in order, and whether it is cached (and if not, why). With several teachers, a
+    per-teacher stage is planned once per teacher, keyed exactly as a single-teacher run of that teacher; a stage
+    that needs it reads (and is keyed by) every instance, in config order."""
     cache = Cache(cfg.cache_dir)
     memo = FileDigests(cfg.cache_dir / "fingerprints.json")
     dataset: dict[str, Any] | None = None
     keys: dict[str, str] = {}
+    instances: dict[str, list[str]] = {}
     steps = []
-    for name in ORDER:
-        stage = STAGES.get(name)()
-        external = stage.external(cfg, memo)
-        if stage.uses_data:
-            dataset = dataset if dataset is not None else dataset_fingerprint(cfg, memo)
-            external = {"dataset": dataset, **external}
-        payload = key_payload(
-            name,
-            stage.version,
-            stage.config(cfg),
-            {n: keys[n] for n in stage.needs},
-            external,
-            library_versions(stage.libraries),
-        )
-        keys[name] = cache_key(payload)
-        cached = cache.is_cached(name, keys[name])
-        old = ((previous or {}).get("stages") or {}).get(name, {}).get("payload")
-        reason = "" if cached else why_stale(payload, old)
-        steps.append(Step(name, keys[name], payload, cached, reason, inputs={n: keys[n] for n in stage.needs}))
+    for kind in ORDER:
+        stage = STAGES.get(kind)()
+        for teacher in cfg.teacher_names if stage.per_teacher and cfg.several_teachers else [None]:
+            name = stage_instance(kind, teacher)
+            view = cfg.for_teacher(teacher) if teacher else cfg
+            with view.member_errors():
+                external = stage.external(view, memo)
+                config = stage.config(view)
+            if stage.uses_data:
+                dataset = dataset if dataset is not None else dataset_fingerprint(cfg, memo)
+                external = {"dataset": dataset, **external}
+            upstream = {label: keys[n] for need in stage.needs for label, n in _upstream(need, teacher, instances)}
+            payload = key_payload(kind, stage.version, config, upstream, external, library_versions(stage.libraries))
+            keys[name] = cache_key(payload)
+            instances.setdefault(kind, []).append(name)
+            cached = cache.is_cached(kind, keys[name])
+            old = ((previous or {}).get("stages") or {}).get(name, {}).get("payload")
+            reason = "" if cached else why_stale(payload, old)
+            steps.append(Step(name, keys[name], payload, cached, reason, inputs=upstream, kind=kind, teacher=teacher))
     memo.save()
     return steps
+
+
+def _upstream(need: str, teacher: str | None, instances: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(name in the step's inputs and key, instance) of stage ``need``'s instances a step reads: a per-teacher
+    instance reads its own teacher's under the stage's name (as a single-teacher run does, so their keys are the
+    same); any other step every instance, under its name."""
+    if teacher and STAGES.get(need).per_teacher:
+        return [(need, stage_instance(need, teacher))]
+    return [(n, n) for n in instances[need]]
 
 
 def why_stale(payload: dict[str, Any], old: dict[str, Any] | None) -> str:
@@ -170,10 +195,10 @@ def run_pipeline(
             started = time.time()
             steps = plan(cfg, read_last_run(cfg))
             if until:
-                steps = steps[: ORDER.index(until) + 1]
-            stale = [s.stage for s in steps if s.stage in force or not s.cached]
+                steps = [s for s in steps if ORDER.index(s.kind) <= ORDER.index(until)]
+            stale = [s.stage for s in steps if s.kind in force or not s.cached]
             gate_list = [parse_gate(g) for g in gates]
-            cached = {s.stage: Cache(cfg.cache_dir).entry(s.stage, s.key) for s in steps if s.stage not in stale}
+            cached = {s.stage: Cache(cfg.cache_dir).entry(s.kind, s.key) for s in steps if s.stage not in stale}
             preflight(
                 cfg, stale, gate_list, complete=stopped_after is None, baseline=old_report or False, entries=cached
             )
@@ -206,7 +231,7 @@ def execute(
     """Run the stale steps in order, each built into its cache entry. With ``announce`` (torchrun's rank 0), tell
     the other ranks which stages run and wait for them after each."""
     cache = Cache(cfg.cache_dir)
-    stale = [s for s in steps if s.stage in force or cache.lookup(s.stage, s.key) is None]
+    stale = [s for s in steps if s.kind in force or cache.lookup(s.kind, s.key) is None]
     if announce:
         from kdpipe.ml.distributed import broadcast_object
 
@@ -219,12 +244,12 @@ def execute(
         if step.stage not in names:
             echo(f"✓ {step.stage:<9} cached  {step.key[:12]}")
             continue
-        why = "forced" if step.stage in force else (step.reason or "not in the cache")
+        why = "forced" if step.kind in force else (step.reason or "not in the cache")
         echo(f"▶ {step.stage:<9} running {step.key[:12]} ({why})")
         t0 = time.perf_counter()
-        with cache.building(step.stage, step.key, step.payload, replace=step.stage in force) as build:
+        with cache.building(step.kind, step.key, step.payload, replace=step.kind in force) as build:
             ctx = _context(cfg, cache, step, build.dir, build.work_dir, echo, progress, memo)
-            atomic_write_json(build.dir / METRICS, _run_stage(step.stage, ctx))
+            atomic_write_json(build.dir / METRICS, _run_stage(step, ctx))
             step.seconds = time.perf_counter() - t0
             build.extra["seconds"] = step.seconds
         step.ran = True
@@ -242,7 +267,14 @@ def record_run(cfg: LoadedConfig, steps: list[Step], started: float) -> dict[str
         "started": started,
         "finished": time.time(),
         "stages": {
-            s.stage: {"key": s.key, "cached": not s.ran, "seconds": s.seconds, "payload": s.payload} for s in steps
+            s.stage: {
+                "key": s.key,
+                "cached": not s.ran,
+                "seconds": s.seconds,
+                "payload": s.payload,
+                **({"stage": s.kind} if s.kind != s.stage else {}),  # a per-teacher instance: its stage's folder
+            }
+            for s in steps
         },
     }
     target = cfg.cache_dir / LAST_RUN
@@ -263,9 +295,9 @@ def _context(
 ) -> StageContext:
     """The one place a StageContext is built (rank 0 and the other torchrun ranks alike)."""
     return StageContext(
-        cfg=cfg,
-        stage=step.stage,
-        inputs={n: cache.entry(n, k) for n, k in step.inputs.items()},
+        cfg=step.config(cfg),
+        stage=step.kind,
+        inputs={n: cache.entry(stage_of(n), k) for n, k in step.inputs.items()},
         out_dir=out_dir,
         work_dir=work_dir,
         log=echo,
@@ -275,14 +307,15 @@ def _context(
     )
 
 
-def _run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
-    """Run one stage; an unexpected exception becomes a one-line :class:`StageError` naming the stage."""
+def _run_stage(step: Step, ctx: StageContext) -> dict[str, Any]:
+    """Run one stage; an unexpected exception becomes a one-line :class:`StageError` naming the stage (instance)."""
     try:
-        return STAGES.get(name)().run(ctx)
+        with ctx.cfg.member_errors():
+            return STAGES.get(step.kind)().run(ctx)
     except KdpipeError:
         raise
     except Exception as exc:
-        raise StageError(name, describe(exc, limit=None)) from exc
+        raise StageError(step.stage, describe(exc, limit=None)) from exc
 
 
 def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
@@ -302,7 +335,9 @@ def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
             cfg.source,
         )
     for step in steps:
-        STAGES.get(step.stage)().check(cfg)
+        view = step.config(cfg)
+        with view.member_errors():
+            STAGES.get(step.kind)().check(view)
 
 
 def _follow(cfg: LoadedConfig) -> None:
@@ -319,13 +354,13 @@ def _follow(cfg: LoadedConfig) -> None:
         _prepare(cfg, runs)
     memo: dict[str, Any] = {}
     for step in runs:
-        if STAGES.get(step.stage)().data_parallel(cfg):
-            with tempfile.TemporaryDirectory(prefix=f"kdpipe-{step.stage}-") as scratch:
+        if STAGES.get(step.kind)().data_parallel(step.config(cfg)):
+            with tempfile.TemporaryDirectory(prefix=f"kdpipe-{step.kind}-") as scratch:
                 # rank 0's work dir: its checkpoints, so this rank resumes as it does
-                work = cache.work_dir(step.stage, step.key)
-                STAGES.get(step.stage)().run(
-                    _context(cfg, cache, step, Path(scratch), work, lambda _: None, False, memo)
-                )
+                work = cache.work_dir(step.kind, step.key)
+                ctx = _context(cfg, cache, step, Path(scratch), work, lambda _: None, False, memo)
+                with ctx.cfg.member_errors():
+                    STAGES.get(step.kind)().run(ctx)
         barrier()
 
 
@@ -340,7 +375,11 @@ def clean(cfg: LoadedConfig, keep_last: bool = False, wait: bool = True) -> int:
 
 def _clean(cfg: LoadedConfig, keep_last: bool) -> int:
     last = read_last_run(cfg) if keep_last else None
-    keep = {n: s["key"] for n, s in (last or {}).get("stages", {}).items()} if last else None
+    keep: dict[str, set[str]] | None = None
+    if last:
+        keep = {}
+        for n, s in last["stages"].items():
+            keep.setdefault(str(s.get("stage") or stage_of(n)), set()).add(s["key"])
     removed = Cache(cfg.cache_dir).clean(keep)
     if not keep_last:
         (cfg.cache_dir / LAST_RUN).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kdpipe.config import LoadedConfig
+from kdpipe.config import TEACHER, LoadedConfig, stage_instance
 from kdpipe.errors import ConfigError
 from kdpipe.fileio import FileDigests
 from kdpipe.registry import Registry
@@ -62,6 +62,20 @@ class StageContext:
 
         return stage_data(self)
 
+    def teachers(self, stage: str = "teacher") -> list[tuple[str, Path]]:
+        """(name, committed folder) of every teacher's ``stage`` entry (``teacher`` or ``features``), in config
+        order: ``[("teacher", inputs["teacher"])]`` for one teacher, else ``inputs["teacher:NAME"]`` of each."""
+        if not self.cfg.several_teachers:
+            return [(TEACHER, self.inputs[stage])]
+        return [(name, self.inputs[stage_instance(stage, name)]) for name in self.cfg.teacher_names]
+
+    def teacher_model(self) -> tuple[Any, list[tuple[str, Any, dict[str, Any]]]]:
+        """The run's teacher: the one teacher, or the ensemble of several (the weighted mean of their logits,
+        :class:`~kdpipe.ml.models.Ensemble`); and (name, model, spec) of each teacher."""
+        from kdpipe.ml.models import load_teachers
+
+        return load_teachers(self.teachers(), self.cfg.teacher_weights)
+
 
 class Stage(abc.ABC):
     """Base class. Subclasses set ``name``, ``version``, ``needs`` and implement :meth:`run`."""
@@ -75,12 +89,19 @@ class Stage(abc.ABC):
     uses_data: ClassVar[bool] = False
     #: libraries whose versions shape this stage's result (part of its cache key)
     libraries: ClassVar[tuple[str, ...]] = ("torch",)
+    #: with several teachers, the runner runs one instance of the stage per teacher (``teacher:NAME``), each seeing
+    #: the config as a single-teacher run of that teacher does (:meth:`LoadedConfig.for_teacher`), with its own key
+    per_teacher: ClassVar[bool] = False
 
     def config(self, cfg: LoadedConfig) -> dict[str, Any]:
-        """The config that shapes the result: the stage's section, plus ``data`` when it reads data."""
+        """The config that shapes the result: the stage's section, plus ``data`` when it reads data, plus the
+        teachers' names and weights when there are several (stages that are not per teacher read all of them)."""
         section = {self.name: cfg.section(self.name)}
         if self.uses_data:
             section["data"] = cfg.section("data")
+        if cfg.several_teachers and not self.per_teacher:
+            section["teachers"] = [{"name": n, "weight": w} for n, w in zip(cfg.teacher_names, cfg.teacher_weights,
+                                                                           strict=True)]  # fmt: skip
         return section
 
     def training_config(self, cfg: LoadedConfig, section: dict[str, Any]) -> dict[str, Any]:

@@ -60,12 +60,12 @@ def pytorch_latency(ctx: StageContext, batch_sizes: list[int], threads: int) -> 
     import torch
 
     from kdpipe.edge.latency import measure_session, summarize
-    from kdpipe.ml.models import load_teacher
     from kdpipe.stages.distillers import load_student
 
     conf = ctx.cfg.config.benchmark
     torch.set_num_threads(threads)
-    teacher, tspec = load_teacher(ctx.inputs["teacher"])
+    teacher, teachers = ctx.teacher_model()  # several teachers: their ensemble (what the student replaces)
+    tspec = teachers[0][2]
     student, _ = load_student(ctx.inputs["distill"])
     out: dict[str, dict[str, Any]] = {}
     for name, model in (("teacher", teacher), ("student", student)):

@@ -58,6 +58,7 @@ class DistillStage(Stage):
 
     def check(self, cfg: LoadedConfig) -> None:
         check_model_name(cfg, "distill.student", cfg.config.distill.student)
+        check_ensemble(cfg)  # several teachers: before the data-free checks, which read the one teacher
         datafree.check(cfg)
         check_warmup(cfg)
 
@@ -82,34 +83,20 @@ class DistillStage(Stage):
 
         from kdpipe.ml.device import pick_device
         from kdpipe.ml.distributed import world
-        from kdpipe.ml.models import count_parameters, load_teacher
-        from kdpipe.ml.split import split_model
+        from kdpipe.ml.models import count_parameters
         from kdpipe.ml.training import accuracy, predict
-        from kdpipe.stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo, TeacherParts
+        from kdpipe.stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo
 
         cfg, conf = ctx.cfg, ctx.cfg.config.distill
         data, splits = ctx.data()
         methods = {m: DISTILLERS.get(m)() for m in dict.fromkeys([conf.method, *conf.compare])}
-        teacher, tspec = load_teacher(ctx.inputs["teacher"])
         info = DataInfo(data.num_classes, tuple(data.input_shape), list(data.classes), splits.train_idx)
-        split = None
-        need_features = [d for d in methods.values() if "features" in d.signals]
-        if need_features:
-            if tspec["format"] == "torchscript":
-                raise ConfigError(
-                    "teacher.source",
-                    f"{need_features[0].title} {need_features[0].why_features}, which cannot be cut out of a "
-                    "TorchScript file; use source: checkpoint (or torchvision) with the architecture "
-                    "(methods kd and scratch work with a TorchScript teacher)",
-                    cfg.source,
-                )
-            split = split_model(teacher, info.example(), tspec["feature_node"], what="teacher.feature_node")
-        parts = TeacherParts(tspec["arch"], split, dict(tspec.get("kwargs") or {}))
+        teachers, parts = teacher_parts(ctx, list(methods.values()), info)
+        tspec = teachers[0][2]
         device = pick_device(cfg.config.runtime.device)
-        check_loaded_teacher(ctx, tspec)
         if conf.data == "synthetic":
             datafree.require_validation(cfg, len(splits.val_idx))
-        teacher_size = count_parameters(teacher)
+        teacher_size = min(count_parameters(model) for _, model, _ in teachers)  # with several: the smallest
 
         metrics: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
@@ -117,7 +104,8 @@ class DistillStage(Stage):
             main = method == conf.method
             work_dir = ctx.work_dir if main else ctx.work_dir / method
             check = (lambda b, d=distiller: check_size(ctx, d, b, teacher_size)) if main else None
-            built, result = train_method(ctx, distiller, parts, teacher, info, splits, device, work_dir, check)
+            models = [model for _, model, _ in teachers]
+            built, result = train_method(ctx, distiller, parts, models, info, splits, device, work_dir, check)
             source = result.pop("source", None)
             if world()[0] != 0:  # a torchrun follower: rank 0 evaluates, compares and saves
                 continue
@@ -148,7 +136,8 @@ class DistillStage(Stage):
                         "student": built.spec.get("student_split_mode"),
                         "teacher": built.spec.get("teacher_split_mode"),
                     },
-                    "teacher_arch": tspec["arch"],
+                    "teacher_arch": tspec["arch"] if len(teachers) == 1 else built.spec["teacher_arch"],
+                    **({"teachers": built.spec["teachers"]} if len(teachers) > 1 else {}),
                     "parameters": breakdown,
                     "feature_nodes": {
                         "student": built.spec.get("student_feature_node"),
@@ -170,45 +159,66 @@ class DistillStage(Stage):
         return {**metrics, "comparison": rows}
 
 
+def teacher_parts(
+    ctx: StageContext, methods: list[Distiller], info: DataInfo
+) -> tuple[list[tuple[str, nn.Module, dict[str, Any]]], list[TeacherParts]]:
+    """Every teacher (name, model, spec), each checked (a loaded one must beat chance), and its parts as the methods
+    see them: cut into body and head when one of them needs feature maps, with its name and normalised weight."""
+    from kdpipe.ml.split import split_model
+    from kdpipe.stages.distillers import TeacherParts
+
+    cfg = ctx.cfg
+    _, teachers = ctx.teacher_model()
+    need_features = [d for d in methods if "features" in d.signals]
+    parts = []
+    for (name, teacher, tspec), weight in zip(teachers, cfg.teacher_weights, strict=True):
+        key = cfg.teacher_key(name)
+        split = None
+        if need_features:
+            if tspec["format"] == "torchscript":
+                raise ConfigError(
+                    f"{key}.source",
+                    f"{need_features[0].title} {need_features[0].why_features}, which cannot be cut out of a "
+                    "TorchScript file; use source: checkpoint (or torchvision) with the architecture "
+                    "(methods kd and scratch work with a TorchScript teacher)",
+                    cfg.source,
+                )
+            split = split_model(teacher, info.example(), tspec["feature_node"], what=f"{key}.feature_node")
+        parts.append(TeacherParts(tspec["arch"], split, dict(tspec.get("kwargs") or {}), name=name, weight=weight))
+        check_loaded_teacher(ctx, tspec, name)
+    return teachers, parts
+
+
 def train_method(
     ctx: StageContext,
     distiller: Distiller,
-    parts: TeacherParts,
-    teacher: nn.Module,
+    parts: list[TeacherParts],
+    teachers: list[nn.Module],
     info: DataInfo,
     splits: Splits,
     device: torch.device,
     work_dir: Path,
     check: Callable[[Built], None] | None = None,
 ) -> tuple[Built, dict[str, Any]]:
-    """Build ``distiller``'s student (seeded), ``check`` it, and train it with the shared loop; the result adds
-    ``seconds`` (and, with ``distill.data: synthetic``, the generator's batch ``source``)."""
+    """Build ``distiller``'s student (seeded) for the teachers (``parts``, ``teachers``: one, or several), ``check``
+    it, and train it with the shared loop; the result adds ``seconds`` (and, with ``distill.data: synthetic``, the
+    generator's batch ``source``)."""
     import torch
 
     from kdpipe.ml.data import labeled_part
     from kdpipe.ml.entrypoints import resolve_model_name
     from kdpipe.ml.training import fit
-    from kdpipe.stages.distillers import OnlineTeacher
 
     cfg, conf = ctx.cfg, ctx.cfg.config.distill
     channels_last = cfg.config.runtime.channels_last
     torch.manual_seed(conf.train.seed)  # every method starts from the same student initialisation
-    built = distiller.build(parts, resolve_model_name(conf.student, cfg.base), info, conf)
+    built = distiller.build_for(parts, resolve_model_name(conf.student, cfg.base), info, conf)
     if check is not None:
         check(built)
     source = None
     if conf.data == "synthetic":  # batches from a generator trained against the teacher, never a training image
-        source = datafree.make_source(ctx, teacher, built.model, device, distiller.signals)
-    teacher_signals: Callable[[Batch], dict[str, torch.Tensor]] | None = None
-    views = None
-    if source is None and "features" in ctx.inputs and read_metrics(ctx.inputs["features"]).get("enabled"):
-        from kdpipe.stages.features import CachedTeacher
-
-        cached = CachedTeacher(ctx.inputs["features"], device)
-        views = cached.views  # every method, even scratch, trains on the same precomputed views
-        teacher_signals = cached if distiller.signals else None
-    if teacher_signals is None:
-        teacher_signals = OnlineTeacher(teacher, parts.split, distiller.signals, device, channels_last)
+        source = datafree.make_source(ctx, teachers[0], built.model, device, distiller.signals)  # one teacher
+    teacher_signals, views = signals_of(ctx, distiller, parts, teachers, device, cached=source is None)
     if source is not None and source.stored:  # the teacher's logits stored with each generated image
         teacher_signals = source.teacher_signals
     t0 = time.perf_counter()
@@ -237,15 +247,52 @@ def train_method(
     return built, {**result, "seconds": time.perf_counter() - t0, "source": source}
 
 
-def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any]) -> None:
+def signals_of(
+    ctx: StageContext,
+    distiller: Distiller,
+    parts: list[TeacherParts],
+    teachers: list[nn.Module],
+    device: torch.device,
+    cached: bool = True,
+) -> tuple[Callable[[Batch], dict[str, Any]], Any]:
+    """What the method asks of the teachers per batch, and the views it trains on (None: fresh augmentation).
+
+    From the features stage's cache when it is enabled (``cached``; every method, even scratch, then trains on the
+    same precomputed views), else from each teacher run on the batch; several teachers' signals are combined as the
+    method takes them (:class:`~kdpipe.stages.distillers.base.EnsembleSignals`)."""
+    from kdpipe.stages.distillers import OnlineTeacher
+    from kdpipe.stages.distillers.base import EnsembleSignals
+
+    channels_last = ctx.cfg.config.runtime.channels_last
+    try:
+        folders = [folder for _, folder in ctx.teachers("features")] if cached else []
+    except KeyError:  # a context without the features stage's entries
+        folders = []
+    sources: list[Any] = []
+    views = None
+    if folders and all(read_metrics(folder).get("enabled") for folder in folders):
+        from kdpipe.stages.features import CachedTeacher
+
+        sources = [CachedTeacher(folder, device) for folder in folders]
+        views = sources[0].views  # the same table for every teacher: one features config, one seed
+        sources = sources if distiller.signals else []
+    if not sources:
+        pairs = zip(teachers, parts, strict=True)
+        sources = [OnlineTeacher(t, p.split, distiller.signals, device, channels_last) for t, p in pairs]
+    if len(sources) == 1:
+        return sources[0], views
+    return EnsembleSignals(sources, [p.weight for p in parts], distiller.ensemble_mode()), views
+
+
+def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any], name: str = "teacher") -> None:
     """A teacher loaded from a file must beat chance on val before anything is distilled from it."""
     from kdpipe.ml.teacher_checks import check_teacher_accuracy
 
     cfg = ctx.cfg
     loaded = tspec.get("loaded", tspec.get("source") in ("checkpoint", "torchscript"))
-    if not (loaded and cfg.config.teacher.check_accuracy):
+    if not (loaded and cfg.for_teacher(name).config.teacher.check_accuracy):
         return
-    tm = read_metrics(ctx.inputs["teacher"])
+    tm = read_metrics(dict(ctx.teachers())[name])
     if tm.get("best_val_top1") is None:
         return
     adapter = tspec.get("input_adapter")
@@ -256,12 +303,14 @@ def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any]) -> None:
     )
     what = f"{tspec.get('source')} {tspec.get('arch') or ''}".strip()
     n_val = tm.get("data", {}).get("val_images", 0)
-    check_teacher_accuracy(tm["best_val_top1"], len(tspec["classes"]), n_val, what, fed, cfg.source)
+    with cfg.for_teacher(name).member_errors():  # several teachers: the error names this one's key
+        check_teacher_accuracy(tm["best_val_top1"], len(tspec["classes"]), n_val, what, fed, cfg.source)
 
 
 def check_size(ctx: StageContext, distiller: Distiller, built: Built, teacher_size: int) -> None:
     """Before training: warn (or, with ``distill.require_smaller``, fail) when the deployable student is not
-    smaller than the teacher, naming the SimKD projector factor that would fit."""
+    smaller than the teacher (with several teachers: the smallest), naming the SimKD projector factor that would
+    fit."""
     from kdpipe.ml.teacher_checks import size_verdict, smallest_fitting_factor
 
     conf = ctx.cfg.config.distill
@@ -271,17 +320,15 @@ def check_size(ctx: StageContext, distiller: Distiller, built: Built, teacher_si
     factor = fit = None
     projector = getattr(built.model, "projector", None)
     if distiller.name == "simkd" and projector is not None:
-        from kdpipe.stages.distillers.simkd import projector_parameters
+        from kdpipe.stages.distillers.simkd import projector_size
 
         spec = built.spec
-        s_c, t_c = spec["student_feature_shape"][0], spec["teacher_feature_shape"][0]
-        kernel = spec.get("projector_kernel", 3)
+        t_c = max(f["teacher_feature_shape"][0] for f in spec.get("teachers") or [spec])
         factor = conf.factor
         fixed = breakdown["total"] - breakdown["projector"]
-        fit = smallest_fitting_factor(
-            fixed, teacher_size, lambda f: projector_parameters(s_c, t_c, f, kernel), t_c, factor + 1
-        )
-    message = size_verdict(breakdown, teacher_size, fit, factor)
+        fit = smallest_fitting_factor(fixed, teacher_size, lambda f: projector_size(spec, f), t_c, factor + 1)
+    whose = "the smallest teacher's" if ctx.cfg.several_teachers else "the teacher's"
+    message = size_verdict(breakdown, teacher_size, fit, factor, whose)
     if message is None:
         return
     if conf.require_smaller:
@@ -299,3 +346,24 @@ def check_warmup(cfg: LoadedConfig) -> None:
             "terms would never reach full weight; set dkd.warmup <= the epochs (the paper: 20 of 240)",
             cfg.source,
         )
+
+
+def check_ensemble(cfg: LoadedConfig) -> None:
+    """Several teachers: every method trained must learn from several (:meth:`Distiller.ensemble_mode`), and the
+    student must train on real images (a data-free generator is trained against one teacher)."""
+    if not cfg.several_teachers:
+        return
+    from kdpipe.stages.distillers import DISTILLERS
+    from kdpipe.stages.distillers.base import ENSEMBLE_REFUSAL
+
+    conf = cfg.config.distill
+    if conf.data == "synthetic":
+        raise ConfigError(
+            "distill.data",
+            "synthetic trains a generator against one teacher, and `teachers` lists several; use real data or keep "
+            "one teacher",
+            cfg.source,
+        )
+    for key, method in [("distill.method", conf.method), *(("distill.compare", m) for m in conf.compare)]:
+        if DISTILLERS.get(method).ensemble_mode() == "none":
+            raise ConfigError(key, f"{method} {ENSEMBLE_REFUSAL}", cfg.source)

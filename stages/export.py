@@ -1,5 +1,7 @@
 """export: the deployable student (and the teacher) to ONNX with parity verified, plus re-validated variants.
 
+With several teachers, the teacher exported (``teacher.onnx``) is their ensemble: one graph averaging their logits.
+
 Variants (ONNX Runtime graph-optimised fp32, fp16, int8 dynamic, int8 static) are made from the fp32
 student and each is re-validated on the whole test split: top-1/top-5, and agreement and max abs
 difference against the fp32 student, so gates can refer to it. Every file carries metadata (classes,
@@ -13,6 +15,7 @@ from typing import Any
 
 from kdpipe.config import LoadedConfig
 from kdpipe.diskspace import ensure_space, writing
+from kdpipe.errors import ConfigError
 from kdpipe.reporting.macs import add_macs
 from kdpipe.stages import datafree
 from kdpipe.stages.base import STAGES, Stage, StageContext
@@ -51,6 +54,13 @@ class ExportStage(Stage):
             from kdpipe.stages.qad import check_method
 
             check_method(cfg.config.distill.method, cfg.source)
+            if cfg.several_teachers:
+                raise ConfigError(
+                    "export.variants",
+                    "qad_int8 fine-tunes the student against one teacher's signals, and `teachers` lists several; "
+                    "use int8_static or int8_fallback, or keep one teacher",
+                    cfg.source,
+                )
         datafree.check_export(cfg)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -87,7 +97,6 @@ class ExportStage(Stage):
         """The fp32 student (and teacher) to ONNX, parity checked on ``images``; returns the files' metadata."""
         from kdpipe.exporters.onnx_export import export_onnx
         from kdpipe.exporters.parity import assert_parity, check_parity
-        from kdpipe.ml.models import load_teacher
         from kdpipe.ml.zoo import count_parameters
         from kdpipe.stages.distillers import load_student
 
@@ -96,7 +105,7 @@ class ExportStage(Stage):
         student, sspec = load_student(ctx.inputs["distill"])
         models = {"student": student}
         if conf.teacher:
-            models["teacher"], _ = load_teacher(ctx.inputs["teacher"])
+            models["teacher"], _ = ctx.teacher_model()  # several teachers: their ensemble, as one graph
         metadata = {
             "kdpipe_version": __version__,
             "kdpipe_export_key": ctx.key,

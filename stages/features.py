@@ -35,6 +35,7 @@ class FeaturesStage(Stage):
     version = 1
     needs = ("teacher",)
     uses_data = True
+    per_teacher = True  # one instance per teacher, each keyed as a single-teacher run of it
 
     def config(self, cfg: Any) -> dict[str, Any]:
         section = super().config(cfg)

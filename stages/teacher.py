@@ -18,6 +18,7 @@ class TeacherStage(Stage):
     name = "teacher"
     version = 2
     uses_data = True
+    per_teacher = True  # one instance per teacher, each keyed as a single-teacher run of it
 
     def config(self, cfg: LoadedConfig) -> dict[str, Any]:
         section = super().config(cfg)

@@ -1,4 +1,7 @@
-"""validate: top-1/top-5 on the test split for teacher and student, per class, and their agreement."""
+"""validate: top-1/top-5 on the test split for teacher and student, per class, and their agreement.
+
+With several teachers, ``teacher`` is their ensemble (the weighted mean of their logits: what the student replaces,
+agreement is with it) and ``teachers`` holds each one's figures."""
 
 from __future__ import annotations
 
@@ -16,20 +19,31 @@ class ValidateStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from kdpipe.ml.device import pick_device
-        from kdpipe.ml.models import load_teacher
-        from kdpipe.ml.training import classification_metrics, predict
+        from kdpipe.ml.training import accuracy, classification_metrics, predict
         from kdpipe.stages.distillers import load_student
+        from kdpipe.stages.distillers.base import mean_logits
 
-        data, _ = ctx.data()
+        data, splits = ctx.data()
         device = pick_device(ctx.cfg.config.runtime.device)
         bs = ctx.cfg.config.validate_.batch_size
-        teacher, _ = load_teacher(ctx.inputs["teacher"])
+        _, teachers = ctx.teacher_model()
         student, _ = load_student(ctx.inputs["distill"])
+        each = {
+            name: predict(model.to(device), data.test_x, data.mean, data.std, bs, device) for name, model, _ in teachers
+        }
+        several = len(teachers) > 1
+        weights = ctx.cfg.teacher_weights
         logits = {
-            name: predict(model.to(device), data.test_x, data.mean, data.std, bs, device)
-            for name, model in (("teacher", teacher), ("student", student))
+            "teacher": mean_logits(list(each.values()), weights) if several else each["teacher"],
+            "student": predict(student.to(device), data.test_x, data.mean, data.std, bs, device),
         }
         result = {name: classification_metrics(lg, data.test_y, data.classes) for name, lg in logits.items()}
+        if several:  # each teacher's test figures, and the ensemble's (the teacher) top-1 on val
+            result["teachers"] = {
+                name: classification_metrics(lg, data.test_y, data.classes) for name, lg in each.items()
+            }
+            val = [predict(m.to(device), splits.val_x, data.mean, data.std, bs, device) for _, m, _ in teachers]
+            result["teacher"]["val_top1"] = accuracy(mean_logits(val, weights), splits.val_y)
         agreement = (logits["teacher"].argmax(1) == logits["student"].argmax(1)).float().mean().item()
         result["student"]["agreement_with_teacher"] = agreement
         result["split"] = "test"

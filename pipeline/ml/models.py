@@ -95,6 +95,37 @@ def load_teacher(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     return with_adapter(model, spec.get("input_adapter")).eval(), spec
 
 
+class Ensemble(nn.Module):
+    """Several teachers as one model: the weighted mean of their logits, ``Σᵢ wᵢ·teacherᵢ(x)`` (weights
+    normalised). What a student of several teachers replaces: it is validated, exported as one ONNX graph and
+    benchmarked as the run's ``teacher``."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float], names: list[str]) -> None:
+        super().__init__()
+        if not (len(members) == len(weights) == len(names) > 1):
+            raise ValueError("an ensemble needs two or more teachers, each with a weight and a name")
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) for w in weights]
+        self.names = list(names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.weights[0] * self.members[0](x)
+        for w, member in zip(self.weights[1:], list(self.members)[1:], strict=True):
+            out = out + w * member(x)
+        return out
+
+
+def load_teachers(
+    folders: list[tuple[str, Path]], weights: list[float]
+) -> tuple[nn.Module, list[tuple[str, nn.Module, dict[str, Any]]]]:
+    """The teacher of a run (:func:`load_teacher` of its one folder) or, for several, their :class:`Ensemble`;
+    and (name, model, spec) of each teacher."""
+    loaded = [(name, *load_teacher(folder)) for name, folder in folders]
+    if len(loaded) == 1:
+        return loaded[0][1], loaded
+    return Ensemble([m for _, m, _ in loaded], weights, [n for n, _, _ in loaded]).eval(), loaded
+
+
 def frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)

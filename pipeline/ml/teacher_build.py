@@ -141,26 +141,48 @@ def with_teacher_data_defaults(cfg: LoadedConfig) -> LoadedConfig:
     teacher's pretrained config, where the config leaves them unset; ``cfg`` itself when nothing changes.
 
     Only for image-file datasets (the built-in ones have their own size) and weights loaded from a file (a
-    teacher trained here learns at the data's size). Idempotent, so every entry point may apply it.
+    teacher trained here learns at the data's size). Idempotent, so every entry point may apply it. Several teachers
+    are fed the same images: two whose pretrained configs name different sizes are bad input (set the size).
     """
+    update: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name in cfg.teacher_names:
+        for key, value in _data_defaults(cfg.for_teacher(name)).items():
+            if key in update and update[key] != value:
+                where = {"image_size": "data.image_size", "imagenet": "data.imagenet.crop_fraction"}[key]
+                a, b = (v.crop_fraction if key == "imagenet" else v for v in (update[key], value))
+                raise ConfigError(
+                    where,
+                    f"unset, and the teachers' pretrained configs disagree: {origin[key]} expects {a}, "
+                    f"{cfg.teacher_key(name)} {b}; every teacher is fed the same images, so set {where}",
+                    cfg.source,
+                )
+            update.setdefault(key, value)
+            origin.setdefault(key, cfg.teacher_key(name))
+    if not update:
+        return cfg
+    data = cfg.config.data
+    return LoadedConfig(cfg.config.model_copy(update={"data": data.model_copy(update=update)}), cfg.path)
+
+
+def _data_defaults(cfg: LoadedConfig) -> dict[str, Any]:
+    """What :func:`with_teacher_data_defaults` takes from the (one) teacher of ``cfg``."""
     from kdpipe.config import FILE_DATASETS
 
     conf, data = cfg.config.teacher, cfg.config.data
     arch = conf.arch or ""
     if conf.source == "python" or not arch.startswith("timm:") or data.dataset not in FILE_DATASETS:
-        return cfg
+        return {}
     if weights_path(cfg) is None:
-        return cfg
+        return {}
     import timm
 
     pretrained = timm.models.get_pretrained_cfg(arch[len("timm:") :], allow_unregistered=True)
     if pretrained is None:
-        return cfg
+        return {}
     update: dict[str, Any] = {}
     if data.image_size is None and pretrained.input_size:
         update["image_size"] = int(pretrained.input_size[-1])
     if data.recipe == "imagenet" and "crop_fraction" not in data.imagenet.model_fields_set and pretrained.crop_pct:
         update["imagenet"] = data.imagenet.model_copy(update={"crop_fraction": float(pretrained.crop_pct)})
-    if not update:
-        return cfg
-    return LoadedConfig(cfg.config.model_copy(update={"data": data.model_copy(update=update)}), cfg.path)
+    return update

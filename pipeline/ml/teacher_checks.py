@@ -55,14 +55,17 @@ def smallest_fitting_factor(
     return None
 
 
-def size_verdict(breakdown: dict[str, int], teacher: int, fit_factor: int | None, factor: int | None) -> str | None:
-    """A one-line account when the deployable student is not smaller than the teacher; None when it is."""
+def size_verdict(
+    breakdown: dict[str, int], teacher: int, fit_factor: int | None, factor: int | None, whose: str = "the teacher's"
+) -> str | None:
+    """A one-line account when the deployable student is not smaller than the teacher (``whose``: with several
+    teachers, the smallest one's); None when it is."""
     total = breakdown["total"]
     if total < teacher:
         return None
     parts = " + ".join(f"{k} {v:,}" for k, v in breakdown.items() if k != "total")
     msg = (
-        f"the deployable student has {total:,} parameters ({parts}), not fewer than the teacher's {teacher:,} "
+        f"the deployable student has {total:,} parameters ({parts}), not fewer than {whose} {teacher:,} "
         f"({total / max(1, teacher):.2f}x)"
     )
     if factor is not None:

@@ -280,6 +280,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts += [banner, gates_html]
     if models:
         parts += ["<h2>Models</h2>", _models_tables(models, batches, recommended)]
+        ensemble = summary.ensemble_line(report)
+        parts.append(f'<p class="note">{_e(ensemble)}</p>' if ensemble else "")
     parts.append(_training_data_section(report))
     parts.append(quantization.render_html(report))
     comparison = [r for r in report.get("comparison") or [] if isinstance(r, dict)]

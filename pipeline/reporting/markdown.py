@@ -90,6 +90,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("MACs: multiply-accumulates per image, counted from the ONNX graph (convolutions and matrix "
                      "products; FLOPs ≈ 2 × MACs).")  # fmt: skip
+        ensemble = summary.ensemble_line(report)
+        if ensemble:
+            lines.append(ensemble)
     student = models.get("student") or {}
     if "agreement_with_teacher" in (student.get("accuracy") or {}):
         lines.append(

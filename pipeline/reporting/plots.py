@@ -209,7 +209,8 @@ def training(training_: dict[str, Any], methods: dict[str, str]) -> Any | None:
     fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4.2 * (len(runs) + 1), 3.6), squeeze=False)
     colours = ["#0969da", "#bf3989", "#1a7f37", "#bf8700"]
     acc_ax = axes[0][-1]
-    for (name, hist), ax, colour in zip(runs.items(), axes[0], colours, strict=False):
+    for i, ((name, hist), ax) in enumerate(zip(runs.items(), axes[0], strict=False)):
+        colour = colours[i % len(colours)]  # several teachers may make more runs than colours
         ep = [h.get("epoch", i + 1) for i, h in enumerate(hist)]
         loss = [num(h.get("train_loss")) for h in hist]
         acc = [num(h.get("val_top1")) for h in hist]

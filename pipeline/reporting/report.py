@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import LoadedConfig
+from kdpipe.config import TEACHER, LoadedConfig, stage_instance, stage_of
 from kdpipe.errors import UsageError
 from kdpipe.fileio import atomic_write_text
 from kdpipe.reporting.markdown import render_markdown
@@ -29,7 +29,7 @@ def _metrics(cfg: LoadedConfig, record: dict[str, Any], stage: str) -> dict[str,
     info = record["stages"].get(stage)
     if not info:
         return None
-    path = cfg.cache_dir / stage / info["key"] / "metrics.json"
+    path = cfg.cache_dir / str(info.get("stage") or stage_of(stage)) / info["key"] / "metrics.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -40,15 +40,21 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
     """Assemble the report from the run record and each stage's metrics."""
     from kdpipe.cache import library_versions
 
-    teacher = _metrics(cfg, record, "teacher") or {}
+    several = cfg.several_teachers
+    names = cfg.teacher_names  # one teacher: ["teacher"], its stage "teacher"; several: each one's teacher:NAME
+    members = {n: _metrics(cfg, record, stage_instance(TEACHER, n if several else None)) or {} for n in names}
     distill = _metrics(cfg, record, "distill") or {}
     validate = _metrics(cfg, record, "validate") or {}
     export = _metrics(cfg, record, "export") or {}
     bench = _metrics(cfg, record, "benchmark") or {}
+    teacher = _ensemble(members, validate) if several else members[TEACHER]
     models = _trained_models(teacher, distill, validate, export)
+    if several and "teacher" in models:  # the ensemble, then each teacher by name
+        models["teacher"].update(members=list(members), weights=cfg.teacher_weights)
+        models = {"teacher": models.pop("teacher"), **_members(cfg, members, validate), **models}
     models.update(_variants(distill, export, exclude=set(models)))
     _attach_latency(models, bench)
-    if "teacher" in models:
+    if "teacher" in models and not several:
         _shipped_teacher(cfg, models["teacher"])
     return {
         "schema_version": SCHEMA_VERSION,
@@ -64,7 +70,7 @@ def build_report(cfg: LoadedConfig, record: dict[str, Any]) -> dict[str, Any]:
         or None,
         "training": {
             name: {k: m[k] for k in ("best_epoch", "best_val_top1", "images_per_second", "history") if k in m}
-            for name, m in (("teacher", teacher), ("distill", distill))
+            for name, m in (*members.items(), ("distill", distill))
             if m.get("history")
         },
         "stages": {
@@ -115,6 +121,37 @@ def _trained_models(
                 entry["macs"] = e["macs"]
         models[role] = entry
     return models
+
+
+def _ensemble(members: dict[str, dict[str, Any]], validate: dict[str, Any]) -> dict[str, Any]:
+    """Several teachers' ensemble as the teacher stage would describe one teacher: what the report's ``teacher`` is."""
+    if not all(members.values()):
+        return {}
+    return {
+        "arch": "ensemble(" + ", ".join(str(m.get("arch")) for m in members.values()) + ")",
+        "parameters": sum(int(m.get("parameters") or 0) for m in members.values()),
+        "best_val_top1": (validate.get("teacher") or {}).get("val_top1"),
+        "data": next(iter(members.values())).get("data"),
+    }
+
+
+def _members(cfg: LoadedConfig, members: dict[str, dict[str, Any]], validate: dict[str, Any]) -> dict[str, Any]:
+    """Each of several teachers, by name: architecture, parameters, val and test accuracy, weight, provenance."""
+    out: dict[str, Any] = {}
+    for (name, m), weight in zip(members.items(), cfg.teacher_weights, strict=True):
+        entry: dict[str, Any] = {
+            "arch": m.get("arch"),
+            "parameters": m.get("parameters"),
+            "val_top1": m.get("best_val_top1"),
+            "member_of": TEACHER,
+            "weight": weight,
+        }
+        v = (validate.get("teachers") or {}).get(name)
+        if v:
+            entry["accuracy"] = {k: v[k] for k in ("samples", "top1", "top5", "per_class_top1", "confusion")}
+        _shipped_teacher(cfg.for_teacher(name), entry)
+        out[name] = entry
+    return out
 
 
 def _variants(distill: dict[str, Any], export: dict[str, Any], exclude: set[str]) -> dict[str, dict[str, Any]]:

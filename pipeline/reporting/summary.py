@@ -163,6 +163,25 @@ def distillation_verdict(report: dict[str, Any]) -> str | None:
     return text
 
 
+def ensemble_line(report: dict[str, Any]) -> str | None:
+    """Several teachers: each one's test top-1 and the ensemble's (the report's ``teacher``, what the student
+    replaces), in one sentence; None for one teacher."""
+    models = report.get("models") or {}
+    teacher = models.get("teacher") or {}
+    if not teacher.get("members"):
+        return None
+    each = []
+    for name in teacher["members"]:
+        m = models.get(name) or {}
+        weight = f", weight {m['weight']:.2f}" if m.get("weight") is not None else ""
+        each.append(f"{name} ({m.get('arch')}{weight}) {pct((m.get('accuracy') or {}).get('top1'))}")
+    lat = teacher.get("latency") or {}
+    batch = min(lat, key=lambda b: int(batch_of(b))) if lat else None
+    speed = f", p50 {lat[batch]['p50_ms']:.3f} ms at batch {batch_of(batch)}" if batch else ""
+    return (f"The teacher is an ensemble of {len(each)}: {', '.join(each)} test top-1; their averaged logits "
+            f"(one ONNX graph) score {pct((teacher.get('accuracy') or {}).get('top1'))}{speed}.")  # fmt: skip
+
+
 def flags(report: dict[str, Any]) -> list[str]:
     """Warnings a person deciding what to ship must see: each says what was measured."""
     models = report.get("models") or {}

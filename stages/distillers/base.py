@@ -69,11 +69,19 @@ class DataInfo:
 @dataclass(frozen=True)
 class TeacherParts:
     """The frozen teacher as a method sees it when building: its architecture name and, when some method
-    of the run needs feature maps, its body/head split (``None`` otherwise, and for a TorchScript teacher)."""
+    of the run needs feature maps, its body/head split (``None`` otherwise, and for a TorchScript teacher).
+    With several teachers, each has its ``name`` and its ``weight`` in the ensemble's average (normalised)."""
 
     arch: str | None
     split: Split | None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = "teacher"
+    weight: float = 1.0
+
+
+#: how a method learns from several teachers (:attr:`Distiller.ensemble`): each teacher's signals in turn, or the
+#: weighted mean of their logits as one teacher's
+EACH, MEAN_LOGITS = "each", "mean_logits"
 
 
 @dataclass
@@ -101,6 +109,11 @@ class Distiller(abc.ABC):
     signals: ClassVar[frozenset[str]] = frozenset()
     #: why it cannot use a TorchScript teacher (only read when "features" is in ``signals``)
     why_features: ClassVar[str] = "needs the teacher's last feature map"
+    #: how it learns from several teachers: ``"each"`` (:meth:`build_many` builds it for all of them and
+    #: :meth:`loss` gets each signal as a list, one per teacher), ``"mean_logits"`` (built and trained as for one
+    #: teacher whose logits are the weighted mean of theirs), ``"none"`` (it cannot: refused before any stage);
+    #: ``""``: ``"mean_logits"`` for a method that reads logits or nothing of the teacher, else ``"none"``
+    ensemble: ClassVar[str] = ""
 
     @abc.abstractmethod
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
@@ -117,6 +130,34 @@ class Distiller(abc.ABC):
         images (``data.unlabeled``) help; methods that ask the teacher for nothing (scratch, zipf_ls) train on the
         labelled images only."""
         return bool(cls.signals)
+
+    @classmethod
+    def ensemble_mode(cls) -> str:
+        """How the method learns from several teachers: ``each``, ``mean_logits`` or ``none`` (see ``ensemble``)."""
+        if cls.ensemble:
+            return cls.ensemble
+        return MEAN_LOGITS if cls.signals <= {"logits"} else "none"
+
+    def build_many(self, teachers: list[TeacherParts], student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
+        """A student of several teachers (methods whose ``ensemble`` is ``each``); its spec lists them."""
+        raise NotImplementedError(f"{self.title} does not build for several teachers")
+
+    def build_for(self, teachers: list[TeacherParts], student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
+        """The student of one teacher (:meth:`build`) or of several (per :meth:`ensemble_mode`); a student of several
+        has ``teachers`` in its spec (name, weight, architecture of each, in order)."""
+        if len(teachers) == 1:
+            return self.build(teachers[0], student_arch, data, conf)
+        mode = self.ensemble_mode()
+        if mode == "none":
+            raise UsageError(f"distill.method: {self.name} {ENSEMBLE_REFUSAL}")
+        built = (self.build_many if mode == EACH else self._build_merged)(teachers, student_arch, data, conf)
+        built.spec.setdefault("teachers", teachers_spec(teachers))
+        return built
+
+    def _build_merged(
+        self, teachers: list[TeacherParts], student_arch: str, data: DataInfo, conf: DistillConfig
+    ) -> Built:
+        return self.build(merged_parts(teachers), student_arch, data, conf)
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any]) -> nn.Module:
@@ -145,6 +186,28 @@ class Distiller(abc.ABC):
 
 
 DISTILLERS: Registry[type[Distiller]] = Registry("distillation method")
+
+#: why a method whose ``ensemble`` is ``none`` is refused with several teachers (after "distill.method: NAME ")
+ENSEMBLE_REFUSAL = (
+    "cannot learn from several teachers (its terms pair the student with one teacher's features); with `teachers` "
+    "use simkd, kd, fitnet, dkd, scratch or zipf_ls, or keep one teacher"
+)
+
+
+def merged_parts(teachers: list[TeacherParts]) -> TeacherParts:
+    """Several teachers as one (``ARCH+ARCH+…``, no split): what a method trained on their mean logits is built for."""
+    return TeacherParts("+".join(str(t.arch) for t in teachers), None, {})
+
+
+def teachers_spec(teachers: list[TeacherParts]) -> list[dict[str, Any]]:
+    """The teachers a student learned from, for its spec: name, weight and architecture of each, in order."""
+    return [{"name": t.name, "weight": t.weight, "teacher_arch": t.arch, "teacher_kwargs": dict(t.kwargs)}
+            for t in teachers]  # fmt: skip
+
+
+def teacher_weights(spec: dict[str, Any]) -> list[float] | None:
+    """The normalised weights of a several-teacher student's teachers (None for one teacher)."""
+    return [float(t["weight"]) for t in spec["teachers"]] if spec.get("teachers") else None
 
 
 def feature_node(spec: dict[str, Any], who: str) -> str | None:
@@ -304,6 +367,34 @@ class OnlineTeacher:
         elif self.model is not None:
             out["logits"] = self.model(batch.x)
         return out
+
+
+class EnsembleSignals:
+    """The signals of several teachers for one batch, from one source per teacher (:class:`OnlineTeacher` or the
+    features stage's cache of each): for methods that take them one by one (``each``), every signal as a list in
+    teacher order; for methods trained on the ensemble's logits (``mean_logits``), the weighted mean of the
+    teachers' logits, as one teacher's."""
+
+    def __init__(self, sources: list[Any], weights: list[float], mode: str) -> None:
+        if mode not in (EACH, MEAN_LOGITS):
+            raise ValueError(f"several teachers: unknown mode {mode!r}")
+        self.sources, self.weights, self.mode = list(sources), list(weights), mode
+
+    def __call__(self, batch: Batch) -> dict[str, Any]:
+        outs = [source(batch) for source in self.sources]
+        if self.mode == EACH:
+            return {key: [out[key] for out in outs] for key in outs[0]}
+        if "logits" not in outs[0]:
+            return {}
+        return {"logits": mean_logits([out["logits"] for out in outs], self.weights)}
+
+
+def mean_logits(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``Σ wᵢ·logitsᵢ`` in float32 (the weights are normalised): the ensemble's logits."""
+    out = weights[0] * logits[0].float()
+    for w, x in zip(weights[1:], logits[1:], strict=True):
+        out = out + w * x.float()
+    return out
 
 
 def load_student(folder: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -4,6 +4,10 @@ The student's last feature map goes through a trainable projector to the teacher
 the loss is a single MSE between that and the teacher's last feature map; at inference the teacher's
 own frozen pooling + classifier (its "head") classifies the projected student features. The deployed
 student is ``head(projector(student_body(x)))``, so the projector and the head are part of its size.
+
+With several teachers the student has a projector per teacher and every teacher's frozen head, and classifies with
+the weighted mean of their logits, ``Σᵢ wᵢ·headᵢ(projectorᵢ(body(x)))`` (weights normalised); the loss is the
+weighted mean of each projector's MSE against its own teacher's map. It is still one module and one ONNX graph.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from kdpipe.stages.distillers.base import (
     common_size,
     feature_node,
     frozen_copy,
+    merged_parts,
     pool,
     spec_shapes,
     split_facts,
     split_student,
     teacher_split,
+    teacher_weights,
+    teachers_spec,
 )
 
 
@@ -99,6 +106,52 @@ class SimKDStudent(nn.Module):
         return {**parts, "total": sum(parts.values())}
 
 
+class EnsembleSimKDStudent(SimKDStudent):
+    """The deployable student of several teachers: one student body, a projector and the frozen head of each teacher
+    (``projector`` and ``head`` are lists, in teacher order), and the weighted mean of the heads' logits:
+    ``Σᵢ wᵢ·headᵢ(projectorᵢ(pool(body(x))))``, weights normalised. One module, so one ONNX graph."""
+
+    def __init__(
+        self,
+        body: nn.Module,
+        projectors: list[nn.Module],
+        heads: list[nn.Module],
+        pools: list[Any],
+        weights: list[float],
+    ) -> None:
+        nn.Module.__init__(self)
+        self.body = body
+        self.projector = nn.ModuleList(projectors)
+        self.head = nn.ModuleList(heads)
+        self.pool_to = [tuple(p) if p else None for p in pools]  # type: ignore[assignment]
+        self.weights = [float(w) for w in weights]
+        for p in self.head.parameters():
+            p.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        """The student's features projected into each teacher's feature space, in teacher order."""
+        f = self.body(x)
+        return [projector(pool(f, size)) for projector, size in zip(self.projector, self.pool_to, strict=True)]
+
+    def logits(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Each teacher's head on its map, weighted and summed: the ensemble's logits."""
+        out = self.weights[0] * self.head[0](maps[0])
+        for w, head, m in zip(self.weights[1:], list(self.head)[1:], maps[1:], strict=True):
+            out = out + w * head(m)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x))
+
+
+def projector_size(spec: dict[str, Any], factor: int) -> int:
+    """Parameters of a SimKD student's projector (every teacher's, with several) at bottleneck ``factor``."""
+    s_c = spec["student_feature_shape"][0]
+    each = spec.get("teachers") or [spec]
+    return sum(projector_parameters(s_c, f["teacher_feature_shape"][0], factor, f.get("projector_kernel", 3))
+               for f in each)  # fmt: skip
+
+
 def projector_parameters(s_channels: int, t_channels: int, factor: int, kernel: int = 3) -> int:
     """Parameters of ``Projector(s_channels, t_channels, factor, kernel)``, without building it."""
     h = max(1, t_channels // factor)
@@ -132,6 +185,7 @@ class SimKD(Distiller):
     title = "SimKD"
     signals = frozenset({"features"})
     why_features = "reuses the teacher's classifier"
+    ensemble = "each"  # several teachers: a projector and the frozen head of each, their logits averaged
 
     def build(self, teacher: TeacherParts, student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
         student = data.create(student_arch, conf.student_kwargs)
@@ -151,14 +205,53 @@ class SimKD(Distiller):
         model = SimKDStudent(s.body, projector, frozen_copy(t.head), spec["student_pool_to"])
         return Built(model=model, trainable=model, spec=spec)
 
-    def loss(self, built: Built, batch: Batch, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-        projected = built.model.features(batch.x)
-        target = pool(teacher["features"], built.spec["teacher_pool_to"])
-        return F.mse_loss(projected, target.to(projected.dtype))
+    def loss(self, built: Built, batch: Batch, teacher: dict[str, Any]) -> torch.Tensor:
+        """The MSE; with several teachers (a list of their maps) the weighted mean of each projector's MSE against
+        its teacher's map."""
+        spec, model = built.spec, built.model
+        several = isinstance(model, EnsembleSimKDStudent)
+        projected = model.features(batch.x) if several else [model.features(batch.x)]
+        maps = teacher["features"] if several else [teacher["features"]]
+        sizes = [f["teacher_pool_to"] for f in spec["teachers"]] if several else [spec["teacher_pool_to"]]
+        targets = [pool(m, size).to(p.dtype) for m, size, p in zip(maps, sizes, projected, strict=True)]
+        weights = teacher_weights(spec) if several else [1.0]
+        return sum(w * F.mse_loss(p, t) for w, p, t in zip(weights, projected, targets, strict=True))
+
+    def build_many(self, teachers: list[TeacherParts], student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
+        """One student body; a projector and a frozen copy of the head of each teacher (an EnsembleSimKDStudent)."""
+        student = data.create(student_arch, conf.student_kwargs)
+        s = split_student(student, data, conf.student_feature_node)
+        each, projectors, heads = [], [], []
+        for parts in teachers:
+            t = teacher_split(parts, self.title)
+            facts = {
+                **teachers_spec([parts])[0],
+                "teacher_feature_node": t.node,
+                "teacher_split_mode": t.mode,
+                **spec_shapes(s.feature_shape, t.feature_shape),
+                "projector_kernel": projector_kernel(s.feature_shape, t.feature_shape),
+                "projector_final_relu": teacher_nonnegative(t.body, data.input_shape),
+            }
+            each.append(facts)
+            projectors.append(Projector(s.feature_shape[0], t.feature_shape[0], conf.factor, facts["projector_kernel"],
+                                        facts["projector_final_relu"]))  # fmt: skip
+            heads.append(frozen_copy(t.head))
+        spec = {
+            **self.base_spec(merged_parts(teachers), student_arch, data, conf),
+            "student_feature_node": s.node,
+            "student_split_mode": s.mode,
+            "student_feature_shape": list(s.feature_shape),
+            "factor": conf.factor,
+            "teachers": each,
+        }
+        pools = [f["student_pool_to"] for f in each]
+        model = EnsembleSimKDStudent(s.body, projectors, heads, pools, [t.weight for t in teachers])
+        return Built(model=model, trainable=model, spec=spec)
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any]) -> SimKDStudent:
-        """The teacher head is rebuilt from the teacher *architecture*; its weights come with student.pt."""
+        """The teacher head is rebuilt from the teacher *architecture*; its weights come with student.pt. With
+        several teachers, each one's head and projector from its entry in the spec's ``teachers``."""
         data = DataInfo.of_spec(spec)
         s = split_model(
             data.create(spec["student_arch"], spec.get("student_kwargs")),
@@ -166,16 +259,22 @@ class SimKD(Distiller):
             feature_node(spec, "student"),
             what="distill.student",
         )
-        t = split_model(
-            data.create(spec["teacher_arch"], spec.get("teacher_kwargs")),
-            data.example(),
-            feature_node(spec, "teacher"),
-            what="teacher.arch",
-        )
-        kernel = spec.get("projector_kernel", 3)  # students saved before token teachers: always 3×3, final ReLU
-        relu = spec.get("projector_final_relu", True)
-        projector = Projector(s.feature_shape[0], t.feature_shape[0], spec["factor"], kernel, relu)
-        return SimKDStudent(s.body, projector, t.head, spec["student_pool_to"])
+        projectors, heads = [], []
+        for facts in spec.get("teachers") or [spec]:
+            t = split_model(
+                data.create(facts["teacher_arch"], facts.get("teacher_kwargs")),
+                data.example(),
+                feature_node(facts, "teacher"),
+                what="teacher.arch",
+            )
+            kernel = facts.get("projector_kernel", 3)  # students saved before token teachers: always 3×3, final ReLU
+            relu = facts.get("projector_final_relu", True)
+            projectors.append(Projector(s.feature_shape[0], t.feature_shape[0], spec["factor"], kernel, relu))
+            heads.append(t.head)
+        if not spec.get("teachers"):
+            return SimKDStudent(s.body, projectors[0], heads[0], spec["student_pool_to"])
+        pools, weights = [f["student_pool_to"] for f in spec["teachers"]], teacher_weights(spec) or []
+        return EnsembleSimKDStudent(s.body, projectors, heads, pools, weights)
 
     def parameter_breakdown(self, built: Built) -> dict[str, int]:
         return built.model.parameter_breakdown()

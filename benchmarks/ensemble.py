@@ -1,0 +1,143 @@
+"""Several teachers against the best one: the ensemble student vs the best single-teacher student, same recipe.
+
+``configs/ensemble.yaml``: Fashion-MNIST, a ResNet-8 student, three teachers (the shipped wrn_16_2, and resnet20
+and mobilenetv2 trained here by their recipes in that file, cached). Every row is a cached ``kdpipe run`` in the
+work folder, so an interrupted run resumes where it stopped; the teachers and their features are shared by every
+row (a teacher's cache entry is the same whether it is one of several or alone):
+
+1. a single-teacher student of each teacher (that teacher as ``teacher:``, everything else as the config), seed 0;
+2. the best of them on *validation* top-1, seeds 1 and 2;
+3. the ensemble student (the config as it is), seeds 0, 1 and 2; seed 0 runs the whole pipeline (export, parity,
+   benchmark, the config's gates), the others stop after validate.
+
+The epoch of every student is chosen on the validation split; test top-1 is only reported. Prints each teacher's
+and the ensemble's test top-1, the students' table, the ensemble student's parity and gates, then, last,
+``ensemble gain = Y pp`` (ensemble student minus best single-teacher student, test top-1, mean of the 3 seeds).
+
+    python benchmarks/ensemble.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "ensemble.yaml"
+KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]  # the console script of this interpreter's install
+SEEDS = (0, 1, 2)
+
+
+def prepare(work: Path) -> tuple[Path, dict[str, Path]]:
+    """Copies of the ensemble config and of one single-teacher config per teacher in ``work``, every one with its
+    cache there (shared) and outputs of its own."""
+    work.mkdir(parents=True, exist_ok=True)
+    conf = yaml.safe_load(CONFIG.read_text())
+    conf["cache_dir"] = str(work / "cache")
+    conf["output_dir"] = str(work / "out-ensemble")
+    ensemble = work / "ensemble.yaml"
+    ensemble.write_text(yaml.safe_dump(conf, sort_keys=False))
+    singles = {}
+    for member in conf["teachers"]:
+        name = member["name"]
+        single = {k: v for k, v in conf.items() if k not in ("teachers", "gates")}
+        single["teacher"] = {k: v for k, v in member.items() if k not in ("name", "weight")}
+        single["output_dir"] = str(work / f"out-{name}")
+        singles[name] = work / f"single-{name}.yaml"
+        singles[name].write_text(yaml.safe_dump(single, sort_keys=False))
+    return ensemble, singles
+
+
+def run_row(config: Path, seed: int, whole: bool = False) -> dict:
+    """Train (or find cached) one student: val top-1 from the distill stage (the selected epoch), test top-1 from
+    the validate stage; ``whole`` runs every stage with the config's gates (exit 1 is a failed gate, reported)."""
+    args = [*KDPIPE, "run", "-c", str(config), "--no-progress", "--set", f"distill.train.seed={seed}"]
+    if not whole:
+        args += ["--until", "validate"]
+    t0 = time.perf_counter()
+    done = subprocess.run(args, cwd=config.parent, text=True, capture_output=True)
+    if done.returncode not in (0, 1) or (done.returncode == 1 and not whole):
+        sys.exit(f"{config.name} seed {seed} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
+    conf = yaml.safe_load(config.read_text())
+    cache = Path(conf["cache_dir"])
+    stages = json.loads((cache / "last_run.json").read_text())["stages"]
+
+    def metrics(stage: str) -> dict:
+        info = stages[stage]
+        return json.loads((cache / info.get("stage", stage) / info["key"] / "metrics.json").read_text())
+
+    validate = metrics("validate")
+    row = {
+        "val": 100 * metrics("distill")["best_val_top1"],
+        "test": 100 * validate["student"]["top1"],
+        "seconds": metrics("distill")["seconds"],
+        "wall": time.perf_counter() - t0,
+        "teacher_test": 100 * validate["teacher"]["top1"],
+        "teachers_test": {n: 100 * v["top1"] for n, v in (validate.get("teachers") or {}).items()},
+    }
+    if whole:
+        report = json.loads((Path(conf["output_dir"]) / "report.json").read_text())
+        row["report"] = report
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdpipe" / "bench-ensemble"
+    parser.add_argument("--work", type=Path, default=default, help="cache and outputs of every row (kept: resumes)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    ensemble, singles = prepare(args.work.resolve())
+
+    def say(text: str) -> None:
+        print(f"  [{(time.perf_counter() - started) / 60:5.1f} min] {text}", file=sys.stderr, flush=True)
+
+    single: dict[str, list[dict]] = {}
+    for name, config in singles.items():
+        single[name] = [run_row(config, 0)]
+        say(f"single {name} seed 0: val {single[name][0]['val']:.2f}%, test {single[name][0]['test']:.2f}%")
+    best = max(single, key=lambda n: single[n][0]["val"])
+    for seed in SEEDS[1:]:
+        single[best].append(run_row(singles[best], seed))
+        say(f"single {best} seed {seed}: test {single[best][-1]['test']:.2f}%")
+    both: list[dict] = []
+    for seed in SEEDS:
+        both.append(run_row(ensemble, seed, whole=seed == 0))
+        say(f"ensemble seed {seed}: val {both[-1]['val']:.2f}%, test {both[-1]['test']:.2f}%")
+
+    teachers = both[0]["teachers_test"]
+    print("teachers (test top-1): " + ", ".join(f"{n} {v:.2f}%" for n, v in teachers.items())
+          + f"; their ensemble (mean logits) {both[0]['teacher_test']:.2f}%")  # fmt: skip
+    print("| student (resnet8, configs/ensemble.yaml's recipe) | seed | val top-1 | test top-1 | train s |")
+    print("|---|---|---|---|---|")
+    for name, rows in single.items():
+        for seed, r in zip(SEEDS, rows, strict=False):
+            mark = " (best on val)" if name == best else ""
+            print(f"| teacher {name} alone{mark} | {seed} | {r['val']:.2f}% | {r['test']:.2f}% | {r['seconds']:.0f} |")
+    for seed, r in zip(SEEDS, both, strict=True):
+        print(f"| all three teachers | {seed} | {r['val']:.2f}% | {r['test']:.2f}% | {r['seconds']:.0f} |")
+    gains = [e["test"] - s["test"] for e, s in zip(both, single[best], strict=True)]
+    print("per seed, ensemble - best single (pp): " + ", ".join(f"{g:+.2f}" for g in gains)
+          + f"; ahead on every seed: {'yes' if all(g > 0 for g in gains) else 'no'}")  # fmt: skip
+    report = both[0]["report"]
+    student = report["models"]["student"]
+    gates = report.get("gates") or []
+    passed = sum(g["passed"] for g in gates)
+    failed = "".join(f"; FAILED {g['name']} (measured {g['measured']:.4g})" for g in gates if not g["passed"])
+    print(f"ensemble student, seed 0: {student['onnx']['file']} (one graph, {student['parameters']:,} parameters), "
+          f"parity max |Δ| {student['onnx']['parity']['max_abs_diff']:.1e}; gates {passed} of {len(gates)} passed"
+          f"{failed}")  # fmt: skip
+    print(f"total {(time.perf_counter() - started) / 60:.1f} min")
+    print(f"ensemble gain = {statistics.mean(gains):+.2f} pp")
+
+
+if __name__ == "__main__":
+    main()
