@@ -55,6 +55,12 @@ class Normalize(Section):
 class Augment(Section):
     random_crop_padding: int = Field(2, ge=0, description="Pad by this many pixels, then crop randomly back (0: off).")
     horizontal_flip: bool = Field(True, description="Flip training images left-right with probability 0.5.")
+    dsa: bool = Field(
+        False,
+        description="After the crop and flip, one of differentiable siamese augmentation's transforms per batch "
+        "(colour, crop, cutout, flip, scale or rotate; parameters per image): how models are trained on condensed "
+        "transfer sets. Data held in memory; the teacher runs online (features.enabled: false).",
+    )
 
 
 class Synthetic(Section):
@@ -167,6 +173,18 @@ class DataConfig(Section):
     normalize: Normalize | None = Field(None, description="Normalisation; null uses the dataset's own statistics.")
     augment: Augment = Field(default_factory=Augment, description="Training-time augmentation.")
     synthetic: Synthetic = Field(default_factory=Synthetic, description="Settings of the synthetic dataset.")
+    transfer_set: str | None = Field(
+        None,
+        description="A transfer set folder (`kdpipe condense` writes one: <class>/<n>.png and provenance.json) whose "
+        "images are the training split instead of the dataset's; val and test stay the dataset's. A provenance.json "
+        "in it is checked (every image's sha256) before any stage.",
+    )
+    transfer_repeats: int = Field(
+        1,
+        ge=1,
+        description="data.transfer_set: passes over its images per epoch, each shuffled and augmented afresh (a "
+        "tiny set makes epochs of one step, each followed by a whole validation).",
+    )
     unlabeled: str | None = Field(
         None,
         description="Training images without labels, joining the distillation's training set (never val or test): a "
@@ -208,6 +226,17 @@ class DataConfig(Section):
             raise ValueError("recipe 'imagenet' streams (random resized crops of full images); set in_memory: auto")
         if self.dataset == "webdataset" and self.in_memory is True:
             raise ValueError("webdataset streams; set in_memory: auto or false")
+        if self.augment.dsa and (self.dataset == "webdataset" or self.recipe == "imagenet" or self.in_memory is False):
+            raise ValueError("augment.dsa transforms batches held in memory; this dataset streams")
+        if self.transfer_set is not None:
+            if self.train_subset is not None:
+                raise ValueError("train_subset picks training images of the dataset; with transfer_set the training "
+                                 "images are the transfer set's: drop one")  # fmt: skip
+            if self.dataset == "webdataset" or self.recipe == "imagenet" or self.in_memory is False:
+                raise ValueError("transfer_set needs the dataset in memory (its val and test images are kept beside "
+                                 "the transfer set's); this one streams")  # fmt: skip
+        elif self.transfer_repeats != 1:
+            raise ValueError("transfer_repeats is for data.transfer_set, which is not set")
         return self
 
 
@@ -831,6 +860,14 @@ class PipelineConfig(Section):
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _dsa_needs_the_teacher_online(self) -> PipelineConfig:
+        """Cached teacher features are computed on crops and flips only: a DSA-transformed batch has none."""
+        if self.data.augment.dsa and self.features.enabled:
+            raise ValueError("data.augment.dsa: cached teacher features cannot follow its transforms; set "
+                             "features.enabled: false (the teacher then runs on every augmented batch)")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _shipped_teacher_fits_the_data(self) -> PipelineConfig:

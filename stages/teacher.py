@@ -128,6 +128,7 @@ class TeacherStage(Stage):
                 "train_images": len((labeled_part(splits) if conf.trains else splits).train_idx),
                 "val_images": len(splits.val_idx),
                 "test_images": len(data.test_y),
+                **{k: v for k, v in (data.source_report or {}).items() if k == "transfer_set"},  # where train is from
             },
         }
         return spec, metrics

@@ -21,6 +21,7 @@ import torch
 from kdpipe.config import Augment, LoadedConfig
 from kdpipe.errors import UsageError, describe
 from kdpipe.ml import sources
+from kdpipe.ml.dsa import DSA
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -318,6 +319,7 @@ def train_batches(
         yield from splits.train_batches(batch_size, seed, epoch, conf, views)
         return
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    dsa = DSA() if conf.dsa and views is None else None
     order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=g)]
     data = splits.data
     for start in range(0, len(order), batch_size):
@@ -329,7 +331,8 @@ def train_batches(
         else:
             view = torch.randint(0, views.views, (len(idx),), generator=g)
             x = apply_params(data.train_x[idx], views.oy[idx, view], views.ox[idx, view], views.flip[idx, view], conf)
-        yield Batch(normalize(x, data.mean, data.std), data.train_y[idx], idx, view)
+        x = normalize(x, data.mean, data.std)
+        yield Batch(x if dsa is None else dsa(x, g), data.train_y[idx], idx, view)
 
 
 def steps_per_epoch(splits: Splits, batch_size: int, seed: int = 0) -> int:

@@ -34,7 +34,23 @@ SHARDS_BESIDE_FILES = (
 
 def open_data(cfg: LoadedConfig) -> tuple[Any, Any]:
     """(data, splits) of the configured dataset: :class:`Dataset`/:class:`Splits` in memory, or
-    :class:`StreamData`/:class:`StreamSplits` streamed."""
+    :class:`StreamData`/:class:`StreamSplits` streamed; with ``data.transfer_set``, its images are the training
+    split (:func:`kdpipe.ml.transfer_splits.use_transfer_set`)."""
+    data, splits = _open_data(cfg)
+    if cfg.config.data.augment.dsa and not isinstance(data.train_x, torch.Tensor):
+        raise ConfigError(
+            "data.augment.dsa",
+            "transforms batches held in memory, and this dataset streams (data.in_memory, data.memory_budget_mb)",
+            cfg.source,
+        )
+    if cfg.config.data.transfer_set is None:
+        return data, splits
+    from kdpipe.ml.transfer_splits import use_transfer_set
+
+    return use_transfer_set(cfg, data, splits)
+
+
+def _open_data(cfg: LoadedConfig) -> tuple[Any, Any]:
     if cfg.config.data.dataset not in FILE_DATASETS:
         data = cfg.memo.pop("loaded_dataset", None) or load_dataset(cfg)  # preflight's, when it loaded it
         return _with_unlabeled(cfg, data, make_splits(cfg, data))

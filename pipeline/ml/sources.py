@@ -116,12 +116,17 @@ def listing(cfg: LoadedConfig) -> filelists.Listing:
 
 
 def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
-    """A fingerprint of the dataset's files (and of ``data.unlabeled``'s): it changes when their content does."""
+    """A fingerprint of the dataset's files (and of ``data.unlabeled``'s, and of ``data.transfer_set``'s, checked
+    against its provenance.json): it changes when their content does."""
     found = _dataset_fingerprint(cfg, memo)
     unlabeled = fingerprint_unlabeled(cfg, memo.file if cfg.config.data.fingerprint == "content" else None)
-    if unlabeled is None:
+    if unlabeled is not None:  # data.unlabeled's images, listed (and checked) before any stage
+        found = {**found, "unlabeled": unlabeled}
+    if cfg.config.data.transfer_set is None:
         return found
-    return {**found, "unlabeled": unlabeled}  # data.unlabeled's images, listed (and checked) before any stage
+    from kdpipe.ml.transfer_sets import fingerprint
+
+    return {**found, "transfer_set": fingerprint(cfg, memo)}
 
 
 def _dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
