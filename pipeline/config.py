@@ -210,6 +210,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.unlabeled is not None and self.transfer_set is not None:
+            raise ValueError("unlabeled joins the dataset's training images, transfer_set replaces them: drop one")
+        if self.labels_per_class is not None and self.transfer_set is not None:
+            raise ValueError("labels_per_class picks training images of the dataset; with transfer_set the training "
+                             "images are the transfer set's: drop one")  # fmt: skip
         if self.labels_per_class is not None and self.dataset == "webdataset":
             raise ValueError("labels_per_class cannot drop labels from WebDataset shards (they come with the "
                              "stream); give the unlabelled samples as shards of their own (unlabeled)")  # fmt: skip
@@ -437,6 +442,39 @@ class FitNetConfig(Section):
     )
 
 
+class SimKDConfig(Section):
+    """SimKD's loss is the paper's MSE alone unless a preset or a weight adds a term through the reused head."""
+
+    preset: Literal["paper", "short"] = Field(
+        "paper",
+        description="paper: the paper's loss exactly (feature MSE alone). short: settings measured to make the "
+        "reused-classifier student learn faster at short budgets (a few epochs): the terms below at the values "
+        "`kdpipe` documents for it (docs/methods.md); any weight set here overrides the preset's.",
+    )
+    ce_weight: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of a cross-entropy with the labels on the logits of the reused (frozen) teacher head; "
+        "null: the preset's value (paper 0).",
+    )
+    kd_weight: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of a KL term between the teacher's logits and the student's logits through the same "
+        "frozen head, at `temperature` and scaled by T²; null: the preset's value (paper 0).",
+    )
+    temperature: float = Field(4.0, gt=0, description="Temperature of the kd_weight term.")
+
+    def weights(self) -> tuple[float, float]:
+        """(ce_weight, kd_weight) after the preset."""
+        ce, kd = SIMKD_PRESETS[self.preset]
+        return (ce if self.ce_weight is None else self.ce_weight, kd if self.kd_weight is None else self.kd_weight)
+
+
+#: (ce_weight, kd_weight) of each SimKD preset
+SIMKD_PRESETS: dict[str, tuple[float, float]] = {"paper": (0.0, 0.0), "short": (1.0, 1.0)}
+
+
 class CRDConfig(Section):
     """CRD (Tian et al., ICLR 2020); defaults are the paper's."""
 
@@ -468,12 +506,17 @@ class DKDConfig(Section):
     alpha: float = Field(1.0, ge=0, description="Weight of TCKD, the target-vs-rest (binary) KL term.")
     beta: float = Field(8.0, ge=0, description="Weight of NCKD, the KL among the non-target classes.")
     temperature: float = Field(4.0, gt=0, description="Temperature of both terms; they are scaled by T².")
-    warmup: int = Field(
-        20,
+    warmup: int | None = Field(
+        None,
         ge=0,
         description="Epochs over which the distillation terms ramp up linearly (weight min(1, epoch / warmup), epoch "
-        "counted from 1); 0: full weight from the start. At most distill.train.epochs.",
+        "counted from 1); 0: full weight from the start; null: the paper's share of the schedule (20 of 240 "
+        "epochs: distill.train.epochs / 12, rounded). At most distill.train.epochs.",
     )
+
+    def warmup_epochs(self, epochs: int) -> int:
+        """The warm-up in epochs for a schedule of ``epochs``."""
+        return round(epochs * 20 / 240) if self.warmup is None else self.warmup
 
 
 class ZipfConfig(Section):
@@ -616,6 +659,9 @@ class DistillConfig(Section):
     )
     factor: int = Field(2, ge=1, description="SimKD projector bottleneck factor f (C_t / f hidden channels).")
     student_feature_node: str | None = Field(None, description="Override of the student's last-feature-map node.")
+    simkd: SimKDConfig = Field(
+        default_factory=SimKDConfig, description="Settings of method simkd (used when simkd is trained)."
+    )
     kd: KDConfig = Field(default_factory=KDConfig, description="Settings of method kd (used when kd is trained).")
     fitnet: FitNetConfig = Field(
         default_factory=FitNetConfig, description="Settings of method fitnet (used when fitnet is trained)."

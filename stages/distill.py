@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdpipe.config import LoadedConfig
+from kdpipe.config import LoadedConfig, SimKDConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
 from kdpipe.stages import datafree
@@ -45,9 +45,11 @@ class DistillStage(Stage):
         section = super().config(cfg)
         conf = section["distill"]
         used = {conf["method"], *conf["compare"]}
-        for method, key in (("kd", "kd"), ("fitnet", "fitnet"), ("simkd", "factor")):
+        for method, key in (("kd", "kd"), ("fitnet", "fitnet"), ("simkd", "factor"), ("simkd", "simkd")):
             if method not in used:
                 conf.pop(key, None)
+        if conf.get("simkd") == SimKDConfig().model_dump(mode="json"):
+            conf.pop("simkd")  # the paper's loss: keys of runs from before the section existed stay valid
         for key, readers in (("crd", {"crd", "crd_kd"}), ("dkd", {"dkd"}), ("zipf", {"zipf_ls"})):
             if not used & readers:
                 conf.pop(key, None)
@@ -339,7 +341,7 @@ def check_size(ctx: StageContext, distiller: Distiller, built: Built, teacher_si
 def check_warmup(cfg: LoadedConfig) -> None:
     """DKD's warm-up must end within the run: longer, its distillation terms never reach their weight."""
     conf = cfg.config.distill
-    if "dkd" in (conf.method, *conf.compare) and conf.dkd.warmup > conf.train.epochs:
+    if "dkd" in (conf.method, *conf.compare) and conf.dkd.warmup_epochs(conf.train.epochs) > conf.train.epochs:
         raise ConfigError(
             "distill.dkd.warmup",
             f"{conf.dkd.warmup} warm-up epochs, but distill.train.epochs is {conf.train.epochs}: the distillation "

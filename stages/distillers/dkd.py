@@ -86,7 +86,7 @@ class DKD(Distiller):
             "temperature": d.temperature,
             "alpha": d.alpha,
             "beta": d.beta,
-            "warmup": d.warmup,
+            "warmup": d.warmup_epochs(conf.train.epochs),
             "label_smoothing": conf.train.label_smoothing,
         }
         return Built(model=model, trainable=model, spec=spec)

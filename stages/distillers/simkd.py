@@ -31,6 +31,7 @@ from kdpipe.stages.distillers.base import (
     common_size,
     feature_node,
     frozen_copy,
+    labeled_ce,
     merged_parts,
     pool,
     spec_shapes,
@@ -40,6 +41,19 @@ from kdpipe.stages.distillers.base import (
     teacher_weights,
     teachers_spec,
 )
+from kdpipe.stages.distillers.kd import kd_loss
+
+
+def simkd_terms(conf: DistillConfig) -> dict[str, Any]:
+    """The spec's loss weights: SimKD's MSE alone (``paper``) or with terms through the reused head."""
+    ce_weight, kd_weight = conf.simkd.weights()
+    return {
+        "preset": conf.simkd.preset,
+        "ce_weight": ce_weight,
+        "kd_weight": kd_weight,
+        "temperature": conf.simkd.temperature,
+        "label_smoothing": conf.train.label_smoothing,
+    }
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> list[nn.Module]:
@@ -196,6 +210,7 @@ class SimKD(Distiller):
             **split_facts(s, t),
             "factor": conf.factor,
             **spec_shapes(s.feature_shape, t.feature_shape),
+            **simkd_terms(conf),
         }
         spec["projector_kernel"] = projector_kernel(s.feature_shape, t.feature_shape)
         spec["projector_final_relu"] = teacher_nonnegative(t.body, data.input_shape)
@@ -207,7 +222,7 @@ class SimKD(Distiller):
 
     def loss(self, built: Built, batch: Batch, teacher: dict[str, Any]) -> torch.Tensor:
         """The MSE; with several teachers (a list of their maps) the weighted mean of each projector's MSE against
-        its teacher's map."""
+        its teacher's map, and the optional terms on the ensemble's logits."""
         spec, model = built.spec, built.model
         several = isinstance(model, EnsembleSimKDStudent)
         projected = model.features(batch.x) if several else [model.features(batch.x)]
@@ -215,7 +230,22 @@ class SimKD(Distiller):
         sizes = [f["teacher_pool_to"] for f in spec["teachers"]] if several else [spec["teacher_pool_to"]]
         targets = [pool(m, size).to(p.dtype) for m, size, p in zip(maps, sizes, projected, strict=True)]
         weights = teacher_weights(spec) if several else [1.0]
-        return sum(w * F.mse_loss(p, t) for w, p, t in zip(weights, projected, targets, strict=True))
+        loss = sum(w * F.mse_loss(p, t) for w, p, t in zip(weights, projected, targets, strict=True))
+        ce_weight, kd_weight = spec.get("ce_weight", 0.0), spec.get("kd_weight", 0.0)
+        if not (ce_weight or kd_weight):
+            return loss  # the paper's loss, exactly
+
+        def classify(features: list[torch.Tensor]) -> torch.Tensor:
+            return model.logits(features) if several else model.head(features[0])
+
+        logits = classify(projected)
+        if ce_weight:
+            loss = loss + ce_weight * labeled_ce(logits, batch.y, spec.get("label_smoothing", 0.0))
+        if kd_weight:
+            with torch.no_grad():
+                teacher_logits = classify(targets)
+            loss = loss + kd_weight * kd_loss(logits, teacher_logits, batch.y, spec["temperature"], alpha=1.0)
+        return loss
 
     def build_many(self, teachers: list[TeacherParts], student_arch: str, data: DataInfo, conf: DistillConfig) -> Built:
         """One student body; a projector and a frozen copy of the head of each teacher (an EnsembleSimKDStudent)."""
@@ -242,6 +272,7 @@ class SimKD(Distiller):
             "student_split_mode": s.mode,
             "student_feature_shape": list(s.feature_shape),
             "factor": conf.factor,
+            **simkd_terms(conf),
             "teachers": each,
         }
         pools = [f["student_pool_to"] for f in each]

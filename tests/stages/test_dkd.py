@@ -107,3 +107,12 @@ def test_a_warm_up_longer_than_the_run_is_refused_before_any_stage(write_config,
     with pytest.raises(ConfigError, match=r"distill.dkd.warmup: 20 warm-up epochs, but distill.train.epochs is 2"):
         run_pipeline(path, echo=lambda s: None)
     assert ran == []
+
+
+def test_default_warmup_is_the_papers_share_of_the_schedule():
+    """The paper warms up over 20 of 240 epochs; unset, the warm-up keeps that share of any schedule."""
+    from kdpipe.config import DKDConfig
+
+    assert DKDConfig().warmup_epochs(240) == 20
+    assert DKDConfig().warmup_epochs(4) == 0  # a short schedule starts at full weight: never refused
+    assert DKDConfig(warmup=3).warmup_epochs(4) == 3

@@ -73,3 +73,32 @@ def test_rebuild_from_spec_without_the_teacher_checkpoint():
     rebuilt = SimKD.rebuild(spec)
     rebuilt.load_state_dict(student.state_dict())
     torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))
+
+
+def test_short_preset_adds_label_and_logit_terms_through_the_reused_head():
+    """``simkd`` defaults to the paper's MSE alone; the short preset adds CE with the labels and T²·KL to the
+    teacher's logits, both on the frozen head's logits, so their gradients reach body and projector only."""
+    from kdpipe.config import DistillConfig, SimKDConfig
+    from kdpipe.stages.distillers.kd import kd_loss
+    from kdpipe.stages.distillers.simkd import simkd_terms
+
+    assert simkd_terms(DistillConfig())["ce_weight"] == 0 and simkd_terms(DistillConfig())["kd_weight"] == 0
+    terms = simkd_terms(DistillConfig(simkd=SimKDConfig(preset="short")))
+    assert terms["ce_weight"] > 0 and terms["kd_weight"] > 0
+    assert simkd_terms(DistillConfig(simkd=SimKDConfig(preset="short", kd_weight=0)))["kd_weight"] == 0
+
+    x, t, student, shapes = _pair()
+    y = torch.tensor([0, 1, 2, 1])
+    spec = {"teacher_pool_to": shapes["teacher_pool_to"], "ce_weight": 0.5, "kd_weight": 2.0, "temperature": 3.0}
+    student.train()
+    with torch.no_grad():
+        teacher = {"features": t.body(x)}
+    loss = SimKD().loss(Built(student, student, spec), Batch(x, y, torch.arange(4)), teacher)
+    with torch.no_grad():
+        logits = student.head(student.features(x))
+        mse = nn.functional.mse_loss(student.features(x), teacher["features"])
+        ce = nn.functional.cross_entropy(logits, y)
+        soft = kd_loss(logits, t.head(teacher["features"]), y, 3.0, alpha=1.0)
+    torch.testing.assert_close(loss, mse + 0.5 * ce + 2.0 * soft)
+    loss.backward()
+    assert all(p.grad is None for p in student.head.parameters())

@@ -27,6 +27,9 @@ def test_keys_follow_dependencies(write_config):
     assert keys(path, "distill.kd.temperature=2") == base  # KD is not trained: its settings do not matter
     kd = keys(path, "distill.compare=[kd]")
     assert keys(path, "distill.compare=[kd]", "distill.kd.temperature=2")["distill"] != kd["distill"]
+    # SimKD's paper loss keeps the key it had before the simkd section existed; the short preset re-trains
+    assert keys(path, "distill.simkd.preset=paper") == base
+    assert keys(path, "distill.simkd.preset=short")["distill"] != base["distill"]
     parity = keys(path, "export.parity.samples=16")
     assert [s for s in base if parity[s] != base[s]] == ["export", "benchmark"]
 
