@@ -584,6 +584,13 @@ class DataFreeConfig(Section):
         description="Weight of the information-entropy term (DAFL): log K - H(mean softmax of the batch), 0 when "
         "the batch's mean prediction is uniform over the K classes.",
     )
+    diversity: float = Field(
+        0.05,
+        ge=0,
+        description="Weight of the mode-seeking term (Mao et al. 2019) within a class: mean over pairs of images of "
+        "the same target class of mean|z_i - z_j| / (mean|x_i - x_j| + 0.01), large when different noise gives the "
+        "same image (without it the generator settles on one image per class).",
+    )
     adversarial: float = Field(
         1.0,
         ge=0,
@@ -1067,10 +1074,27 @@ class LoadedConfig:
         section = getattr(self.config, "validate_" if name == "validate" else name).model_dump(mode="json")
         if name == "data":
             section.pop("workers", None)
-            for key in ("unlabeled", "labels_per_class"):  # unset: keys of runs from before they existed stay valid
-                if section.get(key) is None:
-                    section.pop(key, None)
+        for path, neutral in KEY_NEUTRAL.get(name, {}).items():
+            *parents, key = path.split(".")
+            holder = section
+            for part in parents:
+                holder = holder.get(part) or {}
+            if key in holder and holder[key] == neutral:
+                del holder[key]  # at the value that means "not used": keys of runs from before it existed stay valid
         return section
+
+
+#: Settings added after cache entries existed, per section, with the value that leaves results as they were: at
+#: that value they stay out of the cache key, so adding a setting never re-runs anyone's cached stages.
+KEY_NEUTRAL: dict[str, dict[str, Any]] = {
+    "data": {
+        "unlabeled": None,
+        "labels_per_class": None,
+        "transfer_set": None,
+        "transfer_repeats": 1,
+        "augment.dsa": False,
+    },
+}
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:

@@ -72,3 +72,23 @@ def test_status_and_help_do_not_import_torch(write_config):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "teacher    stale" in out.stdout and "not in the cache" in out.stdout
+
+
+def test_settings_added_later_stay_out_of_keys_at_their_neutral_value(write_config):
+    """Each setting listed in KEY_NEUTRAL defaults to its neutral value and is absent from the stage payloads
+    there, so adding it left every existing cache entry valid; set to anything else, it enters the key."""
+    from kdpipe.config import KEY_NEUTRAL, PipelineConfig
+
+    defaults = PipelineConfig().model_dump(mode="json")
+    steps = plan(load_config(write_config()))
+    for section, settings in KEY_NEUTRAL.items():
+        for path, neutral in settings.items():
+            value = defaults[section]
+            for part in path.split("."):
+                value = value[part]
+            assert value == neutral, f"{section}.{path} defaults to {value!r}, not its neutral {neutral!r}"
+            for step in steps:
+                held = step.payload["config"].get(section)
+                for part in path.split(".")[:-1]:
+                    held = (held or {}).get(part)
+                assert path.split(".")[-1] not in (held or {}), f"{section}.{path} is in {step.stage}'s key"
