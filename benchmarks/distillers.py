@@ -7,7 +7,7 @@ where it stopped (the teacher and its cached features are shared by every row):
                  teacher): scratch, zipf_ls, KD, DKD, CRD, SimKD (the paper's loss) and SimKD with its
                  short-budget preset. Prints, last, ``simkd at demo budget - scratch = Y pp``.
 ``--part full``  the 30-epoch recipe of ``configs/fashion-mnist.yaml`` (its own teacher, trained once and
-                 cached): scratch, zipf_ls, KD at T 1 and T 4, DKD, CRD, CRD+KD and SimKD on seed 0; then
+                 cached): scratch, zipf_ls, KD at T 1 and T 4, DKD, CRD, CRD+KD and SimKD (paper, short) on seed 0; then
                  seeds 1 and 2 for the two distilled methods best on *validation* at seed 0; mean ± sd of test
                  top-1. Prints, last, ``best distilled = X (method)`` (mean of 3 seeds). Hours on 2 cores.
 
@@ -39,7 +39,7 @@ DEMO_ROWS = [
     ("kd", {"distill.method": "kd"}),
     ("dkd", {"distill.method": "dkd"}),
     ("crd", {"distill.method": "crd"}),
-    ("simkd (paper)", {"distill.method": "simkd"}),
+    ("simkd (paper)", {"distill.method": "simkd", "distill.simkd.preset": "paper"}),
     ("simkd (preset short)", {"distill.method": "simkd", "distill.simkd.preset": "short"}),
 ]
 FULL_ROWS = [
@@ -50,7 +50,8 @@ FULL_ROWS = [
     ("dkd", {"distill.method": "dkd"}),
     ("crd", {"distill.method": "crd"}),
     ("crd+kd", {"distill.method": "crd_kd"}),
-    ("simkd", {"distill.method": "simkd"}),
+    ("simkd", {"distill.method": "simkd", "distill.simkd.preset": "paper"}),
+    ("simkd short", {"distill.method": "simkd", "distill.simkd.preset": "short"}),
 ]
 NOT_DISTILLED = {"scratch", "zipf_ls"}  # no teacher: baselines, never "best distilled"
 
