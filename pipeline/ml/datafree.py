@@ -4,7 +4,7 @@ No training image is read. Each generator step draws z (and, when conditional, a
 generates images in [0, 1] (pixels, like uint8 / 255), normalises them with the data's mean and std as every
 model here sees its input, and minimises
 
-``L_G = w_bn·L_bn + w_ce·L_ce + w_ie·L_ie + a(t)·w_adv·L_adv``
+``L_G = w_bn·L_bn + w_ce·L_ce + w_ie·L_ie + w_div·L_div + a(t)·w_adv·L_adv``
 
 - ``L_bn`` (DeepInversion): the mean over the teacher's BatchNorm layers of
   ``||mean(x) − running_mean||₂ + ||var(x) − running_var||₂``, where x is the layer's input and mean/var are taken
@@ -14,6 +14,9 @@ model here sees its input, and minimises
   (conditional generator) or the teacher's own argmax (unconditional, DAFL): confident teacher predictions.
 - ``L_ie`` (DAFL's information entropy): ``log K − H(p̄)``, p̄ the batch's mean teacher softmax: 0 when the batch is
   spread evenly over the K classes, so the generator does not make one class only.
+- ``L_div`` (mode seeking, Mao et al. 2019, within a class): the mean over pairs of images of the same target class
+  of ``mean|z_i − z_j| / (mean|x_i − x_j| + 0.01)``: large when different noise gives the same image. Without it the
+  class-conditional generator settled, on Fashion-MNIST, on one image per class whatever z was.
 - ``L_adv`` (DFAD): ``−mean_i m_i · mean_k |s_ik − t_ik|``, minus the L1 distance between student and teacher
   logits: the generator seeks images on which they disagree.
 
@@ -44,7 +47,7 @@ from torch import nn
 from kdpipe.config import Augment, DataFreeConfig
 from kdpipe.ml.data import Batch, augment, normalize
 
-TERMS = ("bn", "ce", "entropy", "adversarial")
+TERMS = ("bn", "ce", "entropy", "diversity", "adversarial")
 
 
 class Generator(nn.Module):
@@ -154,6 +157,30 @@ def entropy_term(teacher_logits: torch.Tensor) -> torch.Tensor:
     """``L_ie = log K − H(p̄)``, p̄ the mean softmax over the batch: ≥ 0, and 0 exactly when p̄ is uniform."""
     p = F.softmax(teacher_logits.float(), dim=1).mean(0)
     return math.log(p.numel()) + (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
+def same_class_pairs(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (a, b) of images with the same target class: each with the next of its class in the batch."""
+    order = torch.argsort(targets * len(targets) + torch.arange(len(targets), device=targets.device))
+    a, b = order[:-1], order[1:]
+    keep = targets[a] == targets[b]
+    return a[keep], b[keep]
+
+
+def pair_distance(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Mean absolute pixel difference between images of the same class (None without such a pair)."""
+    a, b = same_class_pairs(targets)
+    return (images[a] - images[b]).abs().flatten(1).mean(1) if len(a) else None
+
+
+def diversity_term(images: torch.Tensor, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``L_div``: mean over same-class pairs of ``mean|z_i − z_j| / (mean|x_i − x_j| + 0.01)`` (mode seeking)."""
+    a, b = same_class_pairs(targets)
+    if not len(a):
+        return images.sum() * 0
+    dx = (images[a] - images[b]).abs().flatten(1).mean(1)
+    dz = (z[a] - z[b]).abs().mean(1)
+    return (dz / (dx + 0.01)).mean()
 
 
 def easy_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -283,6 +310,7 @@ class SyntheticSource:
         self.sums = dict.fromkeys(("loss", *TERMS), 0.0)
         self.generator_steps = 0
         self.factor = 0.0
+        self.spread, self.spread_steps = 0.0, 0
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         """One epoch's student batches; a generator step comes before every ``generator_every``-th one."""
@@ -307,13 +335,15 @@ class SyntheticSource:
         """Target classes spread evenly over the batch (shuffled), so every class is asked for equally."""
         return torch.randperm(n, generator=g) % self.num_classes
 
-    def generate(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` images in [0, 1] and the classes they were generated for (on the device)."""
+    def generate(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` images in [0, 1], their noise z and the classes they were generated for (on the device)."""
         z = torch.randn(n, self.generator.z_dim, generator=g).to(self.device)
         y = self.targets(n, g).to(self.device)
-        return self.generator(z, y if self.generator.embed is not None else None), y
+        return self.generator(z, y if self.generator.embed is not None else None), z, y
 
-    def losses(self, images: torch.Tensor, targets: torch.Tensor, factor: float) -> dict[str, torch.Tensor]:
+    def losses(
+        self, images: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, factor: float
+    ) -> dict[str, torch.Tensor]:
         """Every term in use on one generated batch (the module doc), and the teacher's logits (``"logits"``)."""
         w = self.weights
         x = normalize(images, self.mean, self.std)
@@ -325,10 +355,13 @@ class SyntheticSource:
         out: dict[str, torch.Tensor] = {"logits": t.detach()}
         if self.bn is not None and distances:
             out["bn"] = bn_term(distances)
+        classes = targets if self.generator.embed is not None else t.argmax(1)
         if w["ce"]:
-            out["ce"] = class_term(t, targets if self.generator.embed is not None else t.argmax(1))
+            out["ce"] = class_term(t, classes)
         if w["entropy"]:
             out["entropy"] = entropy_term(t)
+        if w["diversity"]:
+            out["diversity"] = diversity_term(images, z, classes)
         if w["adversarial"] and factor > 0:
             s = self._student_logits(x)
             out["adversarial"] = adversarial_term(s, t, easy_mask(s, t) if self.conf.easy_only else None)
@@ -353,8 +386,8 @@ class SyntheticSource:
         """One update of the generator; its (quantised) images join the pool."""
         self.generator.train()
         self.factor = ramp(step, self.total, self.conf.adversarial_ramp)
-        images, targets = self.generate(self.conf.batch_size, g)
-        terms = self.losses(images, targets, self.factor)
+        images, z, targets = self.generate(self.conf.batch_size, g)
+        terms = self.losses(images, z, targets, self.factor)
         logits = terms.pop("logits")
         weights = {k: self.weights[k] * (self.factor if k == "adversarial" else 1.0) for k in terms}
         loss = sum(weights[k] * v for k, v in terms.items())
@@ -363,6 +396,10 @@ class SyntheticSource:
         self.optimizer.step()
         labels = logits.argmax(1).cpu()
         self.counts += torch.bincount(labels, minlength=self.num_classes)
+        spread = pair_distance(images.detach(), targets if self.generator.embed is not None else labels)
+        if spread is not None:
+            self.spread += float(spread.mean())
+            self.spread_steps += 1
         self.sums["loss"] += float(loss.detach())
         for k, v in terms.items():
             self.sums[k] += float(v.detach())
@@ -384,6 +421,7 @@ class SyntheticSource:
                 "loss": self.sums["loss"] / n,
                 "terms": {k: self.sums[k] / n for k in TERMS if self.weights[k]},
                 "adversarial_factor": self.factor,
+                "same_class_distance": self.spread / max(1, self.spread_steps),
                 "class_counts": self.counts.tolist(),
                 "largest_class": balance["largest_class"],
                 "largest_share": balance["largest_share"],

@@ -16,6 +16,7 @@ TERM_NAMES = {
     "bn": "batch-norm statistics (DeepInversion)",
     "ce": "one-hot cross-entropy (DAFL)",
     "entropy": "information entropy (DAFL)",
+    "diversity": "mode seeking within a class",
     "adversarial": "adversarial student–teacher discrepancy (DFAD) with an easy-to-hard curriculum",
 }
 

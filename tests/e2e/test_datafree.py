@@ -46,7 +46,7 @@ def test_data_free_run_exports_and_reports_zero_real_images(project, capsys):
     report = json.loads((project / "kdpipe-out" / "report.json").read_text())
     data = report["training_data"]
     assert data["source"] == "synthetic" and data["real_training_images"] == 0
-    assert set(data["generator"]["terms"]) == {"bn", "ce", "entropy", "adversarial"}
+    assert set(data["generator"]["terms"]) == {"bn", "ce", "entropy", "diversity", "adversarial"}
     assert data["generator"]["replay"] == "stored"  # kd needs only logits: those stored with each generated image
     assert data["samples"]["count"] == 32 and len(data["samples"]["grid"]["counts"]) == 4
     record = json.loads((project / ".kdpipe" / "last_run.json").read_text())["stages"]
@@ -125,5 +125,5 @@ def test_teacher_without_batchnorm_leaves_the_bn_term_out_or_refuses_it_when_ask
     record = json.loads((project / ".kdpipe" / "last_run.json").read_text())["stages"]
     metrics = json.loads((project / ".kdpipe" / "distill" / record["distill"]["key"] / "metrics.json").read_text())
     generator = metrics["training_data"]["generator"]
-    assert generator["terms"] == ["ce", "entropy", "adversarial"]
+    assert generator["terms"] == ["ce", "entropy", "diversity", "adversarial"]
     assert generator["left_out"] == {"bn": "the teacher has no BatchNorm layers"}

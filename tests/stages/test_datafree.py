@@ -22,6 +22,7 @@ from kdpipe.ml.datafree import (
     class_balance,
     class_term,
     collapse,
+    diversity_term,
     easy_mask,
     entropy_term,
     ramp,
@@ -115,6 +116,25 @@ def test_adversarial_term_minimised_drives_student_and_teacher_apart():
     assert gap() > start
 
 
+def test_diversity_term_is_large_for_one_image_per_class_and_its_gradient_spreads_them():
+    torch.manual_seed(0)
+    z = torch.randn(8, 4)
+    targets = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    same = torch.rand(2, 1, 3, 3)[targets]  # every image of a class alike whatever z is
+    spread = torch.rand(8, 1, 3, 3)
+    assert diversity_term(same, z, targets) > 10 * diversity_term(spread, z, targets)
+    assert diversity_term(spread, z, torch.arange(8)).item() == 0  # no pair of one class
+    x = (same + 0.01 * torch.randn_like(same)).requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=0.01)
+    start = diversity_term(x, z, targets).item()
+    for _ in range(5):
+        loss = diversity_term(x, z, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert diversity_term(x, z, targets).item() < start
+
+
 def test_easy_mask_and_the_curriculum_ramp():
     s = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     t = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
@@ -151,7 +171,7 @@ def _source(cfg, splits, teacher, student, stored=False, **conf) -> SyntheticSou
     torch.manual_seed(0)
     gen = Generator(8, data.num_classes, tuple(data.input_shape), width=8)
     datafree = DataFreeConfig(**{"batch_size": 8, "steps_per_epoch": 4, "pool_size": 24, "samples": 8, **conf})
-    weights = {t: getattr(datafree, t) for t in ("bn", "ce", "entropy", "adversarial")}
+    weights = {t: getattr(datafree, t) for t in ("bn", "ce", "entropy", "diversity", "adversarial")}
     return SyntheticSource(
         gen, teacher, student, datafree, weights, data.num_classes, data.mean, data.std, Augment(), 16, 3, 0,
         torch.device("cpu"), data.classes, stored=stored,
@@ -184,7 +204,8 @@ def test_source_trains_the_generator_and_fills_the_pool_without_touching_the_stu
     assert all(p.grad is None for p in student.parameters())
     record = source.epoch_record()["generator"]
     assert record["steps"] == 2 and sum(record["class_counts"]) == 16
-    assert set(record["terms"]) == {"bn", "ce", "entropy", "adversarial"}
+    assert set(record["terms"]) == {"bn", "ce", "entropy", "diversity", "adversarial"}
+    assert record["same_class_distance"] > 0
     images, labels = source.samples(8)
     assert images.shape == (8, 1, 12, 12) and labels.shape == (8,)
 
