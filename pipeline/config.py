@@ -591,13 +591,6 @@ class DataFreeConfig(Section):
         "the same target class of mean|z_i - z_j| / (mean|x_i - x_j| + 0.01), large when different noise gives the "
         "same image (without it the generator settles on one image per class).",
     )
-    diversity: float = Field(
-        0.05,
-        ge=0,
-        description="Weight of the mode-seeking term (Mao et al. 2019) within a class: mean over pairs of images of "
-        "the same target class of mean|z_i - z_j| / (mean|x_i - x_j| + 0.01), large when different noise gives the "
-        "same image (without it the generator settles on one image per class).",
-    )
     adversarial: float = Field(
         1.0,
         ge=0,

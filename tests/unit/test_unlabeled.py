@@ -65,6 +65,8 @@ def shard(path: Path, n: int, cls: bool = False) -> Path:
          "labels_per_class cannot drop labels from WebDataset shards"),
         ({"dataset": "webdataset", "shards": {"train": "a.tar", "test": "b.tar"}, "unlabeled": "photos"}, {},
          "give the unlabeled images as WebDataset shards too"),
+        ({"unlabeled": "photos", "transfer_set": "condensed"}, {}, "drop one"),
+        ({"labels_per_class": 10, "transfer_set": "condensed"}, {}, "drop one"),
         ({"unlabeled": "photos"}, {"distill": {"data": "synthetic"}}, "data.unlabeled: distill.data: synthetic"),
     ],
 )  # fmt: skip
