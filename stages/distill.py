@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import kdpipe.stages.datafree as datafree
 from kdpipe.config import LoadedConfig, SimKDConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
-from kdpipe.stages import datafree
 from kdpipe.stages.base import STAGES, Stage, StageContext, check_model_name, read_metrics
 
 if TYPE_CHECKING:

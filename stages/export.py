@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import kdpipe.stages.datafree as datafree
 from kdpipe.config import LoadedConfig
 from kdpipe.diskspace import ensure_space, writing
 from kdpipe.errors import ConfigError
 from kdpipe.reporting.macs import add_macs
-from kdpipe.stages import datafree
 from kdpipe.stages.base import STAGES, Stage, StageContext
 from kdpipe.version import __version__
 
