@@ -91,10 +91,13 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images for noise ``z`` and, conditional, targets ``y``: class indices, or (N, K) class weights (a mixed
+        target embeds as the weighted sum of its classes' embeddings)."""
         if self.embed is not None:
             if y is None:
                 raise ValueError("a conditional generator needs target classes")
-            z = torch.cat([z, self.embed(y)], 1)
+            e = self.embed(y) if not y.is_floating_point() else y.to(self.embed.weight.dtype) @ self.embed.weight
+            z = torch.cat([z, e], 1)
         x = self.net(self.fc(z).view(len(z), self.channels, *self.start))
         if tuple(x.shape[2:]) != self.shape[1:]:
             x = F.interpolate(x, size=self.shape[1:], mode="bilinear", align_corners=False)
@@ -149,7 +152,8 @@ def bn_term(distances: list[torch.Tensor]) -> torch.Tensor:
 
 
 def class_term(teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``L_ce``: cross-entropy of the teacher's logits with the target classes (one-hot)."""
+    """``L_ce``: cross-entropy of the teacher's logits with the targets: class indices (one-hot), or (N, K) class
+    probabilities (mixed targets)."""
     return F.cross_entropy(teacher_logits.float(), targets)
 
 
@@ -331,18 +335,27 @@ class SyntheticSource:
             raise RuntimeError("stored teacher logits asked for another batch than the one just drawn")
         return {"logits": self.current.to(batch.x.device)}
 
-    def targets(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """Target classes spread evenly over the batch (shuffled), so every class is asked for equally."""
-        return torch.randperm(n, generator=g) % self.num_classes
+    def targets(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Major classes spread evenly over the batch (shuffled), so every class is asked for equally, and the
+        target distributions: one-hot, except for a ``mix`` share of the images, whose target gives weight
+        λ ~ U(0.5, 1) to the major class and the rest to another class drawn at random."""
+        k = self.num_classes
+        y = torch.randperm(n, generator=g) % k
+        q = F.one_hot(y, k).float()
+        mixed = torch.rand(n, generator=g) < self.conf.mix
+        other = (y + torch.randint(1, max(2, k), (n,), generator=g)) % k
+        lam = 0.5 + 0.5 * torch.rand(n, generator=g)
+        q[mixed] = lam[mixed, None] * q[mixed] + (1 - lam[mixed, None]) * F.one_hot(other[mixed], k).float()
+        return y, q
 
-    def generate(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` images in [0, 1], their noise z and the classes they were generated for (on the device)."""
+    def generate(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """``n`` images in [0, 1], their noise z, major classes and target distributions (on the device)."""
         z = torch.randn(n, self.generator.z_dim, generator=g).to(self.device)
-        y = self.targets(n, g).to(self.device)
-        return self.generator(z, y if self.generator.embed is not None else None), z, y
+        y, q = (t.to(self.device) for t in self.targets(n, g))
+        return self.generator(z, q if self.generator.embed is not None else None), z, y, q
 
     def losses(
-        self, images: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, factor: float
+        self, images: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, q: torch.Tensor, factor: float
     ) -> dict[str, torch.Tensor]:
         """Every term in use on one generated batch (the module doc), and the teacher's logits (``"logits"``)."""
         w = self.weights
@@ -355,9 +368,10 @@ class SyntheticSource:
         out: dict[str, torch.Tensor] = {"logits": t.detach()}
         if self.bn is not None and distances:
             out["bn"] = bn_term(distances)
-        classes = targets if self.generator.embed is not None else t.argmax(1)
+        conditional = self.generator.embed is not None
+        classes = targets if conditional else t.argmax(1)
         if w["ce"]:
-            out["ce"] = class_term(t, classes)
+            out["ce"] = class_term(t, q if conditional else classes)
         if w["entropy"]:
             out["entropy"] = entropy_term(t)
         if w["diversity"]:
@@ -386,16 +400,15 @@ class SyntheticSource:
         """One update of the generator; its (quantised) images join the pool."""
         self.generator.train()
         self.factor = ramp(step, self.total, self.conf.adversarial_ramp)
-        images, z, targets = self.generate(self.conf.batch_size, g)
-        terms = self.losses(images, z, targets, self.factor)
+        images, z, targets, q = self.generate(self.conf.batch_size, g)
+        terms = self.losses(images, z, targets, q, self.factor)
         logits = terms.pop("logits")
         weights = {k: self.weights[k] * (self.factor if k == "adversarial" else 1.0) for k in terms}
         loss = sum(weights[k] * v for k, v in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        labels = logits.argmax(1).cpu()
-        self.counts += torch.bincount(labels, minlength=self.num_classes)
+        labels = self.add(images.detach(), logits)
         spread = pair_distance(images.detach(), targets if self.generator.embed is not None else labels)
         if spread is not None:
             self.spread += float(spread.mean())
@@ -404,9 +417,20 @@ class SyntheticSource:
         for k, v in terms.items():
             self.sums[k] += float(v.detach())
         self.generator_steps += 1
+        if self.conf.extra_images:  # more images from the updated generator: a teacher forward pass each, no backward
+            with torch.no_grad():
+                more, *_ = self.generate(self.conf.extra_images, g)
+                self.add(more, self.teacher(normalize(more, self.mean, self.std)))
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Put generated images (and the teacher's logits of them) into the pool and the epoch's class histogram;
+        returns the teacher's classes."""
+        labels = logits.argmax(1).cpu()
+        self.counts += torch.bincount(labels, minlength=self.num_classes)
         self.pool = torch.cat([self.pool, quantize(images)])[-self.conf.pool_size :]
         self.pool_labels = torch.cat([self.pool_labels, labels])[-self.conf.pool_size :]
-        self.pool_logits = torch.cat([self.pool_logits, logits.float().cpu()])[-self.conf.pool_size :]
+        self.pool_logits = torch.cat([self.pool_logits, logits.detach().float().cpu()])[-self.conf.pool_size :]
+        return labels
 
     def epoch_record(self) -> dict[str, Any]:
         """What the generator did this epoch: mean loss and terms, the adversarial factor, its class balance."""

@@ -166,11 +166,33 @@ def test_generator_makes_images_of_the_data_shape_in_unit_range(shape):
         assert x.min() >= 0 and x.max() <= 1
 
 
+def test_mixed_targets_are_balanced_and_weigh_their_class_at_least_half(tiny):
+    cfg, splits, teacher = tiny
+    student = create_model("tiny_cnn", num_classes=4, in_channels=1)
+    y, q = _source(cfg, splits, teacher, student, mix=0.5).targets(400, torch.Generator().manual_seed(0))
+    assert torch.bincount(y).tolist() == [100] * 4
+    torch.testing.assert_close(q.sum(1), torch.ones(400))
+    assert (q.argmax(1) == y).all() and (q[torch.arange(400), y] >= 0.5).all()
+    mixed = (q > 0).sum(1) == 2
+    assert 0.4 < mixed.float().mean() < 0.6 and ((q > 0).sum(1) <= 2).all()
+    _, plain = _source(cfg, splits, teacher, student, mix=0.0).targets(8, torch.Generator().manual_seed(0))
+    assert ((plain == 0) | (plain == 1)).all()
+
+
+def test_a_one_hot_target_embeds_as_its_class_index():
+    torch.manual_seed(0)
+    g = Generator(8, 4, (1, 12, 12), width=8).eval()
+    z, y = torch.randn(4, 8), torch.tensor([0, 3, 1, 2])
+    torch.testing.assert_close(g(z, y), g(z, torch.nn.functional.one_hot(y, 4).float()))
+
+
 def _source(cfg, splits, teacher, student, stored=False, **conf) -> SyntheticSource:
     data = splits.data
     torch.manual_seed(0)
     gen = Generator(8, data.num_classes, tuple(data.input_shape), width=8)
-    datafree = DataFreeConfig(**{"batch_size": 8, "steps_per_epoch": 4, "pool_size": 24, "samples": 8, **conf})
+    datafree = DataFreeConfig(
+        **{"batch_size": 8, "extra_images": 4, "steps_per_epoch": 4, "pool_size": 24, "samples": 8, **conf}
+    )
     weights = {t: getattr(datafree, t) for t in ("bn", "ce", "entropy", "diversity", "adversarial")}
     return SyntheticSource(
         gen, teacher, student, datafree, weights, data.num_classes, data.mean, data.std, Augment(), 16, 3, 0,
@@ -193,17 +215,18 @@ def test_source_trains_the_generator_and_fills_the_pool_without_touching_the_stu
     cfg, splits, teacher = tiny
     student = create_model("tiny_cnn", num_classes=4, in_channels=1)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    source = _source(cfg, splits, teacher, student, adversarial_ramp=0.0, generator_every=2)
+    source = _source(cfg, splits, teacher, student, adversarial_ramp=0.0, generator_every=2, pool_size=48)
     g_before = {k: v.clone() for k, v in source.generator.state_dict().items()}
     batches = list(source.batches(0))
     assert len(batches) == 4 and all(b.x.shape == (16, 1, 12, 12) for b in batches)
-    assert source.generator_steps == 2 and len(source.pool) == 16 and source.pool.dtype == torch.uint8
+    assert source.generator_steps == 2 and source.pool.dtype == torch.uint8
+    assert len(source.pool) == len(source.pool_logits) == 2 * (8 + 4)  # each step's 8 images and 4 extra ones
     assert not all(torch.equal(v, source.generator.state_dict()[k]) for k, v in g_before.items())
     for k, v in before.items():  # the adversarial term reads the student; only the training loop updates it
         assert torch.equal(v, student.state_dict()[k]), k
     assert all(p.grad is None for p in student.parameters())
     record = source.epoch_record()["generator"]
-    assert record["steps"] == 2 and sum(record["class_counts"]) == 16
+    assert record["steps"] == 2 and sum(record["class_counts"]) == 24
     assert set(record["terms"]) == {"bn", "ce", "entropy", "diversity", "adversarial"}
     assert record["same_class_distance"] > 0
     images, labels = source.samples(8)
