@@ -91,8 +91,8 @@ def test_top1(entry: Path, extra: list[str]) -> dict[str, float]:
     import torch
 
     from kdpipe.config import load_config
-    from kdpipe.ml.data import load_dataset
-    from kdpipe.ml.training import accuracy, predict
+    from kdpipe.ml.data.memory import load_dataset
+    from kdpipe.ml.train.training import accuracy, predict
     from kdpipe.stages.distillers import load_student
 
     torch.set_num_threads(1)

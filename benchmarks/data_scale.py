@@ -41,8 +41,8 @@ BATCH = 64
 
 def fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from kdpipe.config import load_config
-    from kdpipe.ml.data import _read_idx
-    from kdpipe.ml.sources import locate_fashion_mnist
+    from kdpipe.ml.data.memory import _read_idx
+    from kdpipe.ml.data.sources import locate_fashion_mnist
 
     f = locate_fashion_mnist(load_config(None))
     return (

@@ -56,7 +56,7 @@ def small_cnn() -> tuple[str, nn.Module]:
     """The zoo's resnet8 when kdpipe's model zoo is importable, else a plain 3-conv net."""
     torch.manual_seed(0)
     try:
-        from kdpipe.ml.zoo import create_model
+        from kdpipe.ml.models.zoo import create_model
 
         return "resnet8", create_model("resnet8", 10, 1).eval()
     except ImportError:

@@ -50,7 +50,7 @@ def _load(config_path: str, overrides: tuple[str, ...] = (), writes: tuple[str, 
     ``output_dir``): one that is a file or not writable is bad input, said before anything runs."""
     from kdpipe.config import load_config
     from kdpipe.diskspace import check_folder_layout, check_writable_dir
-    from kdpipe.ml.teacher_build import with_teacher_data_defaults
+    from kdpipe.ml.models.teacher_build import with_teacher_data_defaults
 
     cfg = with_teacher_data_defaults(load_config(config_path, overrides))  # a loaded timm teacher's input size
     _LOADED.update(cache_dir=cfg.cache_dir, output_dir=cfg.output_dir)
@@ -277,7 +277,7 @@ def clean(config_path: str, overrides: tuple[str, ...], keep_last: bool, no_wait
 @cli.command()
 def models() -> None:
     """List the model zoo's architectures (torchvision:NAME, timm:NAME and python:FILE.py:FUNC work too)."""
-    from kdpipe.ml.zoo import model_names
+    from kdpipe.ml.models.zoo import model_names
 
     click.echo("\n".join(model_names()))
     click.echo("torchvision:<name>  (any torchvision classification model)")
@@ -381,7 +381,7 @@ def condense(
 ) -> None:
     """Condense the config's training split into N images per class by distribution matching (DM with DSA), saved
     as an image folder with provenance; train on it with data.transfer_set: FOLDER."""
-    from kdpipe.ml.condense import DMSettings, make_transfer_set
+    from kdpipe.ml.data.condense import DMSettings, make_transfer_set
 
     settings = DMSettings(
         per_class=per_class, iterations=iterations, lr=lr, real_batch=real_batch, width=width, dsa=not no_dsa,

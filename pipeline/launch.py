@@ -3,7 +3,7 @@
 
 A plain ``kdpipe run`` (and an all-cached one above all) must not pay for importing torch just to learn
 that it is not one of several torchrun ranks. Only when it is (:func:`launched` is not None) does the
-runner import :mod:`kdpipe.ml.distributed`, which joins the process group. Ground floor: imports only
+runner import :mod:`kdpipe.ml.runtime.distributed`, which joins the process group. Ground floor: imports only
 :mod:`kdpipe.errors`.
 """
 

@@ -79,7 +79,7 @@ def data_shape(cfg: LoadedConfig) -> Shape | None:
     if data.dataset in KNOWN_SHAPES:
         c, h, w, k, n = KNOWN_SHAPES[data.dataset]
         return Shape(c, h, w, k, n)
-    from kdpipe.ml.imagedata import image_shape  # image datasets: the file list and the first image's header
+    from kdpipe.ml.data.imagedata import image_shape  # image datasets: the file list and the first image's header
 
     found = image_shape(cfg)
     return Shape(*found) if found else None
@@ -236,12 +236,12 @@ def check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing | None = Non
 def _check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
     import torch
 
-    from kdpipe.ml.entrypoints import model_label, resolve_model_name
-    from kdpipe.ml.model_fit import DataFit
-    from kdpipe.ml.models import check_fits, load_script
-    from kdpipe.ml.split import split_model
-    from kdpipe.ml.teacher_build import build_teacher, teacher_arch
-    from kdpipe.ml.zoo import UnknownNameError, create_model
+    from kdpipe.ml.models.entrypoints import model_label, resolve_model_name
+    from kdpipe.ml.models.loading import check_fits, load_script
+    from kdpipe.ml.models.model_fit import DataFit
+    from kdpipe.ml.models.split import split_model
+    from kdpipe.ml.models.teacher_build import build_teacher, teacher_arch
+    from kdpipe.ml.models.zoo import UnknownNameError, create_model
     from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
 
     conf = cfg.config
@@ -358,8 +358,8 @@ def check_methods(cfg: LoadedConfig) -> None:
 
 
 def _check_ensemble_students(cfg: LoadedConfig, sizing: Sizing) -> None:
-    from kdpipe.ml.entrypoints import resolve_model_name
-    from kdpipe.ml.teacher_build import teacher_arch
+    from kdpipe.ml.models.entrypoints import resolve_model_name
+    from kdpipe.ml.models.teacher_build import teacher_arch
     from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
 
     shape = data_shape(cfg)
@@ -418,7 +418,7 @@ def check_labels(cfg: LoadedConfig) -> None:
     data = cfg.config.data
     if data.unlabeled is None and data.labels_per_class is None:
         return
-    from kdpipe.ml import imagedata, unlabeled
+    from kdpipe.ml.data import imagedata, unlabeled
 
     if data.labels_per_class is not None:
         classes, labels, rows = imagedata.training_labels(cfg)
@@ -573,7 +573,7 @@ def _same_disk(a: Path, b: Path) -> bool:
 
 def _training_images(cfg: LoadedConfig, total: int) -> int:
     data = cfg.config.data
-    from kdpipe.ml.unlabeled import listing
+    from kdpipe.ml.data.unlabeled import listing
 
     n = total - max(1, round(total * data.val_fraction))
     extra = listing(cfg)  # data.unlabeled's images train too

@@ -22,7 +22,7 @@ from kdpipe.errors import ConfigError, KdpipeError, StageError, UsageError, desc
 from kdpipe.fileio import FileDigests, atomic_write_json, clear_folder
 from kdpipe.launch import launched
 from kdpipe.lock import CacheLock
-from kdpipe.ml.sources import dataset_fingerprint
+from kdpipe.ml.data.sources import dataset_fingerprint
 from kdpipe.stages import ORDER
 from kdpipe.stages.base import METRICS, STAGES, StageContext
 
@@ -169,7 +169,7 @@ def run_pipeline(
         The report, with its ``gates`` verdicts. Raises :class:`GateFailure` (exit 1) after writing the
         report when a gate failed. Under torchrun, only rank 0 reports; the other ranks return ``{}``.
     """
-    from kdpipe.ml.teacher_build import with_teacher_data_defaults
+    from kdpipe.ml.models.teacher_build import with_teacher_data_defaults
     from kdpipe.preflight import preflight
     from kdpipe.reporting.gates import parse_gate
     from kdpipe.reporting.outcome import conclude
@@ -210,11 +210,12 @@ def run_pipeline(
 @contextmanager
 def _launched_role(cfg: LoadedConfig) -> Iterator[str | None]:
     """This process's torchrun role (None, "leader" or "follower"), told by the environment: a plain run imports
-    no torch for it; only one of several torchrun ranks joins the process group (:mod:`kdpipe.ml.distributed`)."""
+    no torch for it; only one of several torchrun ranks joins the process group
+    (:mod:`kdpipe.ml.runtime.distributed`)."""
     if launched() is None:
         yield None
         return
-    from kdpipe.ml.distributed import launched_role
+    from kdpipe.ml.runtime.distributed import launched_role
 
     with launched_role(cfg) as role:
         yield role
@@ -233,7 +234,7 @@ def execute(
     cache = Cache(cfg.cache_dir)
     stale = [s for s in steps if s.kind in force or cache.lookup(s.kind, s.key) is None]
     if announce:
-        from kdpipe.ml.distributed import broadcast_object
+        from kdpipe.ml.runtime.distributed import broadcast_object
 
         broadcast_object(stale)
     if stale:
@@ -255,7 +256,7 @@ def execute(
         step.ran = True
         echo(f"✓ {step.stage:<9} done    {step.key[:12]} in {step.seconds:.1f}s")
         if announce:
-            from kdpipe.ml.distributed import barrier
+            from kdpipe.ml.runtime.distributed import barrier
 
             barrier()
 
@@ -323,7 +324,7 @@ def _prepare(cfg: LoadedConfig, steps: list[Step]) -> None:
     stage's :meth:`~kdpipe.stages.base.Stage.check`, so a typo fails now rather than after the teacher trained."""
     import torch
 
-    from kdpipe.ml.device import pick_device
+    from kdpipe.ml.runtime.device import pick_device
 
     if cfg.config.runtime.threads:
         torch.set_num_threads(cfg.config.runtime.threads)
@@ -346,7 +347,7 @@ def _follow(cfg: LoadedConfig) -> None:
     after every stage that runs (so the next stage finds its inputs committed)."""
     import tempfile
 
-    from kdpipe.ml.distributed import barrier, broadcast_object
+    from kdpipe.ml.runtime.distributed import barrier, broadcast_object
 
     cache = Cache(cfg.cache_dir)
     runs: list[Step] = broadcast_object(None)

@@ -60,7 +60,7 @@ cannot() {  # cannot PACKAGE WHICH-TESTS: a loud line now, and one more in the s
 have_data() {  # kdpipe's own search order, without downloading
     "$PYTHON" - <<'EOF' >/dev/null 2>&1
 from kdpipe.config import load_config
-from kdpipe.ml.sources import locate_fashion_mnist
+from kdpipe.ml.data.sources import locate_fashion_mnist
 
 locate_fashion_mnist(load_config(None, ["data.download=false"]))
 EOF
@@ -72,7 +72,7 @@ import sys
 
 from torchvision.datasets import FashionMNIST
 
-from kdpipe.ml.sources import default_download_root
+from kdpipe.ml.data.sources import default_download_root
 
 root = default_download_root()
 try:

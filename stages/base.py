@@ -58,7 +58,7 @@ class StageContext:
 
     def data(self) -> Any:
         """The dataset and its splits ``(Dataset, Splits)``, loaded once per run and shared by its stages."""
-        from kdpipe.ml.models import stage_data
+        from kdpipe.ml.models.loading import stage_data
 
         return stage_data(self)
 
@@ -71,8 +71,8 @@ class StageContext:
 
     def teacher_model(self) -> tuple[Any, list[tuple[str, Any, dict[str, Any]]]]:
         """The run's teacher: the one teacher, or the ensemble of several (the weighted mean of their logits,
-        :class:`~kdpipe.ml.models.Ensemble`); and (name, model, spec) of each teacher."""
-        from kdpipe.ml.models import load_teachers
+        :class:`~kdpipe.ml.models.loading.Ensemble`); and (name, model, spec) of each teacher."""
+        from kdpipe.ml.models.loading import load_teachers
 
         return load_teachers(self.teachers(), self.cfg.teacher_weights)
 
@@ -140,8 +140,8 @@ def check_model_name(cfg: LoadedConfig, key: str, name: str) -> None:
     the config's folder and imported (not called).
     """
     from kdpipe.errors import UsageError
-    from kdpipe.ml.teacher_build import check_model_ref
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.teacher_build import check_model_ref
+    from kdpipe.ml.models.zoo import create_model
     from kdpipe.registry import UnknownNameError
 
     try:

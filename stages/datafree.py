@@ -4,7 +4,7 @@ What is refused before any stage runs, which generator terms the teacher support
 loop's batch source, and what the distill entry keeps and reports: ``generator.pt`` (its weights) with
 ``generator.json``, and ``synthetic.npy`` / ``synthetic_labels.npy`` (the last generated uint8 images and the
 teacher's class of each), which calibrate int8 variants, since no training image may be read. The generator and its
-losses are :mod:`kdpipe.ml.datafree`.
+losses are :mod:`kdpipe.ml.train.datafree`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from kdpipe.ml.datafree import SyntheticSource
+    from kdpipe.ml.train.datafree import SyntheticSource
     from kdpipe.stages.base import StageContext
 
 GENERATOR = "generator.pt"
@@ -81,9 +81,9 @@ def _no_batchnorm(cfg: LoadedConfig) -> str | None:
     teacher = cfg.config.teacher
     if teacher.source == "torchscript":
         return "the batch-norm term hooks the teacher's BatchNorm layers, which a TorchScript teacher does not expose"
-    from kdpipe.ml.datafree import batchnorm_layers
-    from kdpipe.ml.teacher_build import teacher_arch
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.teacher_build import teacher_arch
+    from kdpipe.ml.models.zoo import create_model
+    from kdpipe.ml.train.datafree import batchnorm_layers
 
     try:  # whether it has BatchNorm layers does not depend on the class count or the channels
         name = teacher_arch(teacher, cfg.base)
@@ -98,7 +98,7 @@ def generator_weights(cfg: LoadedConfig, teacher: nn.Module) -> tuple[dict[str, 
     hook (refused when it was set explicitly, else left out)."""
     import torch
 
-    from kdpipe.ml.datafree import TERMS, batchnorm_layers
+    from kdpipe.ml.train.datafree import TERMS, batchnorm_layers
 
     conf = cfg.config.distill.datafree
     weights = {term: float(getattr(conf, term)) for term in TERMS}
@@ -132,8 +132,8 @@ def make_source(
     method that needs only the teacher's logits (``signals``), it also gives them (:meth:`SyntheticSource.stored`)."""
     import torch
 
-    from kdpipe.ml.datafree import Generator, SyntheticSource
-    from kdpipe.ml.models import frozen
+    from kdpipe.ml.models.loading import frozen
+    from kdpipe.ml.train.datafree import Generator, SyntheticSource
 
     cfg, conf = ctx.cfg, ctx.cfg.config.distill
     data, _ = ctx.data()
@@ -185,7 +185,7 @@ def save(out_dir: Path, source: SyntheticSource, count: int) -> tuple[Any, Any]:
 def summary(source: SyntheticSource, history: list[dict[str, Any]], images: Any, labels: Any) -> dict[str, Any]:
     """``training_data`` of the distill metrics (report.json): what the student was trained on, which generator
     terms were used, whether the generator collapsed, and a small grid of generated images per class."""
-    from kdpipe.ml.zoo import count_parameters
+    from kdpipe.ml.models.zoo import count_parameters
 
     records = [(h["epoch"], h["generator"]) for h in history if "generator" in h]
     collapsed = [{"epoch": e, "reason": g["collapse"]} for e, g in records if g.get("collapse")]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from kdpipe.ml.data import Batch, Splits
+    from kdpipe.ml.data.memory import Batch, Splits
     from kdpipe.stages.distillers import Built, DataInfo, Distiller, TeacherParts
 
 
@@ -69,7 +69,7 @@ class DistillStage(Stage):
 
     def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
         """A ``python:`` student's source file: editing the user's code rebuilds the student."""
-        from kdpipe.ml.entrypoints import PYTHON_PREFIX, parse_entrypoint, source_file
+        from kdpipe.ml.models.entrypoints import PYTHON_PREFIX, parse_entrypoint, source_file
 
         student = cfg.config.distill.student
         if not student.startswith(PYTHON_PREFIX):
@@ -83,10 +83,10 @@ class DistillStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from kdpipe.ml.device import pick_device
-        from kdpipe.ml.distributed import world
-        from kdpipe.ml.models import count_parameters
-        from kdpipe.ml.training import accuracy, predict
+        from kdpipe.ml.models.loading import count_parameters
+        from kdpipe.ml.runtime.device import pick_device
+        from kdpipe.ml.runtime.distributed import world
+        from kdpipe.ml.train.training import accuracy, predict
         from kdpipe.stages.distillers import DISTILLERS, STUDENT_SPEC, STUDENT_STATE, DataInfo
 
         cfg, conf = ctx.cfg, ctx.cfg.config.distill
@@ -166,7 +166,7 @@ def teacher_parts(
 ) -> tuple[list[tuple[str, nn.Module, dict[str, Any]]], list[TeacherParts]]:
     """Every teacher (name, model, spec), each checked (a loaded one must beat chance), and its parts as the methods
     see them: cut into body and head when one of them needs feature maps, with its name and normalised weight."""
-    from kdpipe.ml.split import split_model
+    from kdpipe.ml.models.split import split_model
     from kdpipe.stages.distillers import TeacherParts
 
     cfg = ctx.cfg
@@ -207,9 +207,9 @@ def train_method(
     generator's batch ``source``)."""
     import torch
 
-    from kdpipe.ml.data import labeled_part
-    from kdpipe.ml.entrypoints import resolve_model_name
-    from kdpipe.ml.training import fit
+    from kdpipe.ml.data.memory import labeled_part
+    from kdpipe.ml.models.entrypoints import resolve_model_name
+    from kdpipe.ml.train.training import fit
 
     cfg, conf = ctx.cfg, ctx.cfg.config.distill
     channels_last = cfg.config.runtime.channels_last
@@ -288,7 +288,7 @@ def signals_of(
 
 def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any], name: str = "teacher") -> None:
     """A teacher loaded from a file must beat chance on val before anything is distilled from it."""
-    from kdpipe.ml.teacher_checks import check_teacher_accuracy
+    from kdpipe.ml.models.teacher_checks import check_teacher_accuracy
 
     cfg = ctx.cfg
     loaded = tspec.get("loaded", tspec.get("source") in ("checkpoint", "torchscript"))
@@ -313,7 +313,7 @@ def check_size(ctx: StageContext, distiller: Distiller, built: Built, teacher_si
     """Before training: warn (or, with ``distill.require_smaller``, fail) when the deployable student is not
     smaller than the teacher (with several teachers: the smallest), naming the SimKD projector factor that would
     fit."""
-    from kdpipe.ml.teacher_checks import size_verdict, smallest_fitting_factor
+    from kdpipe.ml.models.teacher_checks import size_verdict, smallest_fitting_factor
 
     conf = ctx.cfg.config.distill
     breakdown = distiller.parameter_breakdown(built)

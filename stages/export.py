@@ -64,7 +64,7 @@ class ExportStage(Stage):
         datafree.check_export(cfg)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from kdpipe.ml.data import normalize
+        from kdpipe.ml.data.memory import normalize
 
         conf = ctx.conf
         data, _ = ctx.data()
@@ -84,8 +84,8 @@ class ExportStage(Stage):
         follows the image size, not the test split's (a streamed split is decoded again for each model)."""
 
         from kdpipe.exporters.variants import evaluate_onnx_chunks
-        from kdpipe.ml.data import normalize
-        from kdpipe.ml.training import EVAL_PIXELS
+        from kdpipe.ml.data.memory import normalize
+        from kdpipe.ml.train.training import EVAL_PIXELS
 
         data, _ = ctx.data()
         chunk = max(1, min(1024, EVAL_PIXELS // math.prod(data.input_shape)))
@@ -97,7 +97,7 @@ class ExportStage(Stage):
         """The fp32 student (and teacher) to ONNX, parity checked on ``images``; returns the files' metadata."""
         from kdpipe.exporters.onnx_export import export_onnx
         from kdpipe.exporters.parity import assert_parity, check_parity
-        from kdpipe.ml.zoo import count_parameters
+        from kdpipe.ml.models.zoo import count_parameters
         from kdpipe.stages.distillers import load_student
 
         conf = ctx.conf
@@ -141,7 +141,7 @@ class ExportStage(Stage):
         (``head``: the first test images, normalised)."""
         from kdpipe.exporters.onnx_export import stamp_metadata
         from kdpipe.exporters.variants import VARIANTS, compare, evaluate_onnx, make_variant
-        from kdpipe.ml.data import normalize
+        from kdpipe.ml.data.memory import normalize
 
         conf = ctx.conf
         if not conf.variants:

@@ -48,7 +48,7 @@ class FeaturesStage(Stage):
         """Cached features replay crops of images held in memory: a streamed dataset runs the teacher online."""
         if not caches_features(cfg):
             return
-        from kdpipe.ml.imagedata import will_stream
+        from kdpipe.ml.data.imagedata import will_stream
 
         if will_stream(cfg):
             raise ConfigError(
@@ -69,10 +69,10 @@ class FeaturesStage(Stage):
         import torch
         from tqdm import tqdm
 
-        from kdpipe.ml.data import apply_params, normalize
-        from kdpipe.ml.device import pick_device
-        from kdpipe.ml.models import frozen, load_teacher
-        from kdpipe.ml.split import split_model
+        from kdpipe.ml.data.memory import apply_params, normalize
+        from kdpipe.ml.models.loading import frozen, load_teacher
+        from kdpipe.ml.models.split import split_model
+        from kdpipe.ml.runtime.device import pick_device
 
         data, splits = ctx.data()
         if not isinstance(data.train_x, torch.Tensor):
@@ -167,7 +167,7 @@ def caches_features(cfg: Any) -> bool:
 
 def view_table(cfg: Any, images: int) -> Any:
     """The augmented views the teacher runs on, and distillation and QAD replay: one seeded table per config."""
-    from kdpipe.ml.data import make_view_table
+    from kdpipe.ml.data.memory import make_view_table
 
     return make_view_table(images, cfg.config.features.views, cfg.config.data.augment, cfg.config.features.seed)
 
@@ -210,13 +210,13 @@ def check_size(ctx: StageContext, images: int, shape: Any, itemsize: int, classe
 
 
 class CachedTeacher:
-    """Teacher signals for a :class:`~kdpipe.ml.data.Batch` read from the features stage's artifact."""
+    """Teacher signals for a :class:`~kdpipe.ml.data.memory.Batch` read from the features stage's artifact."""
 
     def __init__(self, folder: Path, device: Any) -> None:
         import numpy as np
         import torch
 
-        from kdpipe.ml.data import ViewTable
+        from kdpipe.ml.data.memory import ViewTable
 
         self.info = json.loads((folder / INFO).read_text())
         self.index = torch.from_numpy(np.load(folder / INDEX))

@@ -51,11 +51,11 @@ def finetune(
     import torch
 
     from kdpipe.exporters.qad import attach, calibrate, detach, settle_dead_channels
-    from kdpipe.ml.data import labeled_part
-    from kdpipe.ml.device import pick_device
-    from kdpipe.ml.models import load_teacher
-    from kdpipe.ml.split import split_model
-    from kdpipe.ml.training import fit
+    from kdpipe.ml.data.memory import labeled_part
+    from kdpipe.ml.models.loading import load_teacher
+    from kdpipe.ml.models.split import split_model
+    from kdpipe.ml.runtime.device import pick_device
+    from kdpipe.ml.train.training import fit
     from kdpipe.stages.distillers import DISTILLERS, Built, DataInfo, OnlineTeacher, load_student
 
     cfg = ctx.cfg

@@ -1,5 +1,5 @@
 """teacher: train one from a recipe, or load a checkpoint, TorchScript file, torchvision/timm architecture or a
-model built by the user's own code (``source: python``; see :mod:`kdpipe.ml.entrypoints`)."""
+model built by the user's own code (``source: python``; see :mod:`kdpipe.ml.models.entrypoints`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class TeacherStage(Stage):
 
     def external(self, cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
         """The weights file and a ``source: python`` teacher's source file: editing either rebuilds it."""
-        from kdpipe.ml.teacher_build import teacher_code
+        from kdpipe.ml.models.teacher_build import teacher_code
 
         conf, out = cfg.config.teacher, {}
         if conf.path and not conf.trains:
@@ -56,12 +56,12 @@ class TeacherStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from kdpipe.ml.entrypoints import model_label
-        from kdpipe.ml.models import TEACHER_SPEC, TEACHER_WEIGHTS, check_fits, count_parameters
-        from kdpipe.ml.preprocessing import with_adapter
-        from kdpipe.ml.teacher_build import preprocessing_spec, trained_normalization
-        from kdpipe.ml.training import accuracy, predict
-        from kdpipe.ml.weights import save_weights
+        from kdpipe.ml.models.entrypoints import model_label
+        from kdpipe.ml.models.loading import TEACHER_SPEC, TEACHER_WEIGHTS, check_fits, count_parameters
+        from kdpipe.ml.models.preprocessing import with_adapter
+        from kdpipe.ml.models.teacher_build import preprocessing_spec, trained_normalization
+        from kdpipe.ml.models.weights import save_weights
+        from kdpipe.ml.train.training import accuracy, predict
 
         conf = ctx.conf
         data, splits = ctx.data()
@@ -103,7 +103,7 @@ class TeacherStage(Stage):
 
     def describe(self, ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         """The teacher's spec (what rebuilds it) and the metrics every source reports (the data it saw)."""
-        from kdpipe.ml.data import labeled_part
+        from kdpipe.ml.data.memory import labeled_part
 
         conf = ctx.conf
         data, splits = ctx.data()
@@ -135,7 +135,7 @@ class TeacherStage(Stage):
 
     def load_script(self, ctx: StageContext) -> Any:
         """A TorchScript teacher, copied into the entry as it is."""
-        from kdpipe.ml.models import TEACHER_SCRIPT, check_fits, load_script
+        from kdpipe.ml.models.loading import TEACHER_SCRIPT, check_fits, load_script
 
         cfg = ctx.cfg
         path = cfg.resolve(ctx.conf.path or "")
@@ -146,7 +146,7 @@ class TeacherStage(Stage):
 
     def fit(self, ctx: StageContext) -> Any:
         """What the teacher must take and give: the data's images and classes (a ``DataFit``)."""
-        from kdpipe.ml.model_fit import DataFit
+        from kdpipe.ml.models.model_fit import DataFit
 
         data, _ = ctx.data()
         return DataFit.of(ctx.cfg.config.data, tuple(data.input_shape), data.num_classes)
@@ -157,7 +157,7 @@ class TeacherStage(Stage):
         (weights_only unless ``allow_pickle``, checked against the model)."""
         import torch
 
-        from kdpipe.ml.teacher_build import build_teacher
+        from kdpipe.ml.models.teacher_build import build_teacher
 
         data, _ = ctx.data()
         torch.manual_seed(ctx.conf.train.seed)
@@ -167,10 +167,10 @@ class TeacherStage(Stage):
         """Train with the teacher recipe; None on a torchrun rank other than 0."""
         from torch import nn
 
-        from kdpipe.ml.data import labeled_part
-        from kdpipe.ml.device import pick_device
-        from kdpipe.ml.distributed import world
-        from kdpipe.ml.training import fit
+        from kdpipe.ml.data.memory import labeled_part
+        from kdpipe.ml.runtime.device import pick_device
+        from kdpipe.ml.runtime.distributed import world
+        from kdpipe.ml.train.training import fit
 
         conf, runtime = ctx.conf, ctx.runtime
         criterion = nn.CrossEntropyLoss(label_smoothing=conf.train.label_smoothing)

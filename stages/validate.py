@@ -18,8 +18,8 @@ class ValidateStage(Stage):
     uses_data = True
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from kdpipe.ml.device import pick_device
-        from kdpipe.ml.training import accuracy, classification_metrics, predict
+        from kdpipe.ml.runtime.device import pick_device
+        from kdpipe.ml.train.training import accuracy, classification_metrics, predict
         from kdpipe.stages.distillers import load_student
         from kdpipe.stages.distillers.base import mean_logits
 

@@ -39,10 +39,10 @@ def main() -> int:
     from kdpipe.cache import library_versions
     from kdpipe.config import load_config
     from kdpipe.fileio import atomic_write_json, sha256_file
-    from kdpipe.ml.data import load_dataset, make_splits
-    from kdpipe.ml.models import load_teacher
-    from kdpipe.ml.training import accuracy, predict
-    from kdpipe.ml.weights import load_weights, save_weights
+    from kdpipe.ml.data.memory import load_dataset, make_splits
+    from kdpipe.ml.models.loading import load_teacher
+    from kdpipe.ml.models.weights import load_weights, save_weights
+    from kdpipe.ml.train.training import accuracy, predict
     from kdpipe.teachers import FOLDER, MANIFEST, SCHEMA
 
     cfg = load_config(args.config)

@@ -16,12 +16,12 @@ from torch import nn
 
 from kdpipe.config import DistillConfig
 from kdpipe.errors import UsageError
-from kdpipe.ml.contract_split import contract_parts
-from kdpipe.ml.data import Batch
-from kdpipe.ml.models import frozen
-from kdpipe.ml.split import Split, split_model
-from kdpipe.ml.weights import load_weights
-from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.ml.data.memory import Batch
+from kdpipe.ml.models.contract_split import contract_parts
+from kdpipe.ml.models.loading import frozen
+from kdpipe.ml.models.split import Split, split_model
+from kdpipe.ml.models.weights import load_weights
+from kdpipe.ml.models.zoo import count_parameters, create_model
 from kdpipe.registry import Registry
 
 SIGNALS = frozenset({"features", "logits"})
@@ -212,7 +212,7 @@ def teacher_weights(spec: dict[str, Any]) -> list[float] | None:
 
 def feature_node(spec: dict[str, Any], who: str) -> str | None:
     """The fx node a saved spec cut ``who`` (student/teacher) at; None where the model was cut through
-    timm's contract (the node then names a method, re-found by :func:`~kdpipe.ml.split.split_model`)."""
+    timm's contract (the node then names a method, re-found by :func:`~kdpipe.ml.models.split.split_model`)."""
     if spec.get(f"{who}_split_mode", "fx") != "fx":
         return None
     return spec.get(f"{who}_feature_node")

@@ -38,7 +38,7 @@ from torch import nn
 
 from kdpipe.config import DistillConfig
 from kdpipe.errors import UsageError
-from kdpipe.ml.data import Batch
+from kdpipe.ml.data.memory import Batch
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
     BodyHead,
@@ -102,7 +102,7 @@ def update_memory(memory: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
 def gather_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Every data-parallel rank's rows of each tensor, in rank order (ranks may hold different counts); the
     tensors themselves outside a process group."""
-    from kdpipe.ml.distributed import world
+    from kdpipe.ml.runtime.distributed import world
 
     if world()[1] == 1:
         return list(tensors)
@@ -125,7 +125,7 @@ def gather_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def estimate_log_z(scores: torch.Tensor, temperature: float, rows: int) -> torch.Tensor:
     """``log(M · mean(exp(s/τ)))`` over this batch's scores (of every rank under data-parallel training)."""
-    from kdpipe.ml.distributed import world
+    from kdpipe.ml.runtime.distributed import world
 
     lse = torch.logsumexp(scores.detach().double().flatten() / temperature, 0)
     count = torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig
-from kdpipe.ml.data import Batch
+from kdpipe.ml.data.memory import Batch
 from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts, labeled_ce
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe.config import DistillConfig
-from kdpipe.ml.data import Batch
+from kdpipe.ml.data.memory import Batch
 from kdpipe.stages.distillers.base import DISTILLERS, Built, DataInfo, Distiller, TeacherParts, labeled_ce
 
 

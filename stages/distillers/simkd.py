@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.config import DistillConfig
-from kdpipe.ml.data import Batch
-from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import count_parameters
+from kdpipe.ml.data.memory import Batch
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import count_parameters
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
     Built,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.config import DistillConfig
-from kdpipe.ml.data import Batch
+from kdpipe.ml.data.memory import Batch
 from kdpipe.stages.distillers.base import (
     DISTILLERS,
     BodyHead,

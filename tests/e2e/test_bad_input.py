@@ -253,7 +253,7 @@ def test_user_models_that_cannot_take_the_data(project, capsys, monkeypatch, ext
 def test_a_loaded_teacher_made_for_other_data(project, capsys, monkeypatch, teacher, names):
     import torch
 
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.zoo import create_model
     from tests.conftest import deep_merge
 
     for name, classes, channels in (("ten", 10, 1), ("rgb", 4, 3)):

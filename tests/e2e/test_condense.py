@@ -12,7 +12,7 @@ import yaml
 from kdpipe.cli import main
 from kdpipe.config import load_config
 from kdpipe.fileio import sha256_file
-from kdpipe.ml.data import load_dataset, make_splits
+from kdpipe.ml.data.memory import load_dataset, make_splits
 from tests.conftest import TINY, deep_merge
 
 FAST = ["--iterations", "3", "--width", "8", "--real-batch", "8", "--no-progress"]
@@ -105,7 +105,7 @@ def test_an_existing_folder_needs_force(project, capsys):
 def test_an_interrupted_condense_leaves_nothing(project, capsys, monkeypatch, where):
     from PIL import Image
 
-    from kdpipe.ml import condense
+    from kdpipe.ml.data import condense
 
     calls = []
     real_save = Image.Image.save

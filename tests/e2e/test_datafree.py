@@ -93,7 +93,7 @@ def test_bad_data_free_input_is_refused_before_any_stage(project, capsys, extra,
     if extra.get("teacher") == TORCHSCRIPT:
         import torch
 
-        from kdpipe.ml.zoo import create_model
+        from kdpipe.ml.models.zoo import create_model
 
         model = create_model("tiny_cnn_wide", num_classes=4, in_channels=1).eval()
         torch.jit.trace(model, torch.zeros(2, 1, 12, 12)).save(str(project / "t.ts"))

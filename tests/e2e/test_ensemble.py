@@ -102,7 +102,7 @@ def test_a_teacher_trained_alone_is_reused_by_an_ensemble(project):
 def _teacher_files(project: Path) -> None:
     import torch
 
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.zoo import create_model
 
     for name, classes in (("four", 4), ("three", 3)):
         model = create_model("tiny_cnn", num_classes=classes, in_channels=1).eval()

@@ -214,8 +214,8 @@ def test_a_loaded_teacher_at_chance_is_refused_before_distilling(project):
     import torch
 
     from kdpipe.errors import ConfigError
-    from kdpipe.ml.weights import save_weights
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.weights import save_weights
+    from kdpipe.ml.models.zoo import create_model
 
     model = create_model("timm:test_convnext", num_classes=4, in_channels=1)
     with torch.no_grad():

@@ -19,7 +19,7 @@ SITE = textwrap.dedent(
     """
     import builtins, os, shutil, sys
     from pathlib import Path
-    import kdpipe.ml.sources as sources
+    import kdpipe.ml.data.sources as sources
     sources.DEBIAN_FASHION_MNIST = Path(os.environ["FAKE_DEBIAN"])
 
     def download(self):

@@ -11,9 +11,9 @@ import torch
 
 from kdpipe.config import load_config
 from kdpipe.diskspace import DiskFullError
-from kdpipe.ml import training
-from kdpipe.ml.data import load_dataset, make_splits
-from kdpipe.ml.training import CHECKPOINT, PREVIOUS
+from kdpipe.ml.data.memory import load_dataset, make_splits
+from kdpipe.ml.train import training
+from kdpipe.ml.train.training import CHECKPOINT, PREVIOUS
 from tests.stages.test_training import Killed, _fit
 
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from kdpipe.config import DistillConfig, TrainConfig, load_config
 from kdpipe.errors import ConfigError
-from kdpipe.ml.data import Batch, load_dataset, make_splits, train_batches
-from kdpipe.ml.split import split_model
-from kdpipe.ml.training import CHECKPOINT, fit
-from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.ml.data.memory import Batch, load_dataset, make_splits, train_batches
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import count_parameters, create_model
+from kdpipe.ml.train.training import CHECKPOINT, fit
 from kdpipe.runner import run_pipeline
 from kdpipe.stages.distillers import DISTILLERS, DataInfo, OnlineTeacher, TeacherParts
 from kdpipe.stages.distillers.crd import (
@@ -192,7 +192,7 @@ DATA_PARALLEL = """
 import json, torch
 from pathlib import Path
 from kdpipe.config import load_config
-from kdpipe.ml.data import load_dataset, make_splits
+from kdpipe.ml.data.memory import load_dataset, make_splits
 from tests.stages.test_crd import _fit_crd
 torch.set_num_threads(1)
 cfg = load_config({config!r})
@@ -220,7 +220,7 @@ def test_every_data_path_gives_the_training_rows(write_config, tmp_path):
     """CRD indexes its memory by Batch.index: in memory the dataset index, streamed files their list row, streamed
     shards the sample's row in the training split: each within the training split, every image once an epoch."""
     from kdpipe.config import LoadedConfig, parse_config
-    from kdpipe.ml.imagedata import open_data
+    from kdpipe.ml.data.imagedata import open_data
     from tests.image_data import make_imagefolder, write_shards
 
     cfg = load_config(write_config())

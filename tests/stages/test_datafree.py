@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from kdpipe.config import Augment, DataFreeConfig, TrainConfig, load_config
-from kdpipe.ml.data import load_dataset, make_splits
-from kdpipe.ml.datafree import (
+from kdpipe.ml.data.memory import load_dataset, make_splits
+from kdpipe.ml.models.zoo import create_model
+from kdpipe.ml.train.datafree import (
     BNStatistics,
     Generator,
     SyntheticSource,
@@ -27,8 +28,7 @@ from kdpipe.ml.datafree import (
     entropy_term,
     ramp,
 )
-from kdpipe.ml.training import CHECKPOINT, fit
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.train.training import CHECKPOINT, fit
 
 
 def _bn_model() -> nn.Module:

@@ -13,10 +13,10 @@ from torch import nn
 
 from kdpipe.config import DistillConfig, DistillMethod, load_config
 from kdpipe.errors import ConfigError
-from kdpipe.ml.data import Batch, load_dataset, make_splits
-from kdpipe.ml.split import split_model
-from kdpipe.ml.training import accuracy, predict
-from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.ml.data.memory import Batch, load_dataset, make_splits
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import count_parameters, create_model
+from kdpipe.ml.train.training import accuracy, predict
 from kdpipe.reporting.html import render_html
 from kdpipe.reporting.report import render_markdown
 from kdpipe.runner import run_pipeline

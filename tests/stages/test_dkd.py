@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kdpipe.config import DistillConfig, load_config
 from kdpipe.errors import ConfigError
-from kdpipe.ml.data import Batch
+from kdpipe.ml.data.memory import Batch
 from kdpipe.runner import run_pipeline
 from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
 from kdpipe.stages.distillers.dkd import dkd_loss, dkd_terms, warmup_weight

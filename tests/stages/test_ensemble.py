@@ -15,10 +15,10 @@ from torch import nn
 from kdpipe.config import DistillConfig
 from kdpipe.exporters.onnx_export import export_onnx
 from kdpipe.exporters.parity import check_parity
-from kdpipe.ml.data import Batch
-from kdpipe.ml.models import Ensemble
-from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.ml.data.memory import Batch
+from kdpipe.ml.models.loading import Ensemble
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import count_parameters, create_model
 from kdpipe.stages.distillers import DISTILLERS, DataInfo, OnlineTeacher, TeacherParts
 from kdpipe.stages.distillers.base import EnsembleSignals, pool
 from kdpipe.stages.distillers.kd import kd_loss

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from kdpipe.config import load_config
-from kdpipe.ml.data import Augment, apply_params, load_dataset, make_splits, make_view_table, train_batches
-from kdpipe.ml.models import load_teacher
-from kdpipe.ml.split import split_model
+from kdpipe.ml.data.memory import Augment, apply_params, load_dataset, make_splits, make_view_table, train_batches
+from kdpipe.ml.models.loading import load_teacher
+from kdpipe.ml.models.split import split_model
 from kdpipe.runner import read_last_run, run_pipeline
 from kdpipe.stages.features import CachedTeacher
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kdpipe.config import LoadedConfig, parse_config
-from kdpipe.ml.data import Splits, steps_per_epoch, train_batches
-from kdpipe.ml.datasets import EpochSampler
-from kdpipe.ml.imagedata import open_data, will_stream
+from kdpipe.ml.data.datasets import EpochSampler
+from kdpipe.ml.data.imagedata import open_data, will_stream
+from kdpipe.ml.data.memory import Splits, steps_per_epoch, train_batches
 from tests.image_data import make_imagefolder
 
 

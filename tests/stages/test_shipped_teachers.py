@@ -15,7 +15,7 @@ from kdpipe.cli import main
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError
 from kdpipe.fileio import sha256_file
-from kdpipe.ml.zoo import create_model, model_names
+from kdpipe.ml.models.zoo import create_model, model_names
 from tests.conftest import TINY, deep_merge
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_run_uses_the_shipped_weights(tiny_shipped, tmp_path: Path, capsys):
     folder = tmp_path / ".kdpipe" / "teacher" / key
     loaded = create_model("tiny_cnn_wide", num_classes=4, in_channels=1)
     weights = folder / "teacher.safetensors"
-    from kdpipe.ml.models import load_state_dict_file
+    from kdpipe.ml.models.loading import load_state_dict_file
 
     state = load_state_dict_file(weights if weights.is_file() else folder / "teacher.pt", "x", False, "x")
     loaded.load_state_dict(state)

@@ -1,9 +1,9 @@
 import torch
 from torch import nn
 
-from kdpipe.ml.data import Batch
-from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.data.memory import Batch
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import create_model
 from kdpipe.stages.distillers import Built, spec_shapes
 from kdpipe.stages.distillers.simkd import Projector, SimKD, SimKDStudent
 

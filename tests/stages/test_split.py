@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import create_model, model_names
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import create_model, model_names
 
 X = torch.randn(2, 1, 28, 28)
 

@@ -7,8 +7,8 @@ import torch
 
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError
-from kdpipe.ml.models import load_teacher
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.models.loading import load_teacher
+from kdpipe.ml.models.zoo import create_model
 from kdpipe.runner import run_pipeline
 
 

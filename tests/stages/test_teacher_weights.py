@@ -3,9 +3,9 @@
 import torch
 
 from kdpipe.config import load_config
-from kdpipe.ml.models import load_teacher
-from kdpipe.ml.weights import save_weights
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.models.loading import load_teacher
+from kdpipe.ml.models.weights import save_weights
+from kdpipe.ml.models.zoo import create_model
 from kdpipe.runner import run_pipeline
 
 

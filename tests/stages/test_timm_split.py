@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import count_parameters, create_model
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import count_parameters, create_model
 from kdpipe.registry import UnknownNameError
 
 X = torch.randn(3, 1, 32, 32)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kdpipe.config import TrainConfig, load_config
-from kdpipe.ml.data import load_dataset, make_splits
-from kdpipe.ml.training import CHECKPOINT, fit, make_optimizer, make_scheduler
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.data.memory import load_dataset, make_splits
+from kdpipe.ml.models.zoo import create_model
+from kdpipe.ml.train.training import CHECKPOINT, fit, make_optimizer, make_scheduler
 
 
 class Killed(Exception):
@@ -147,7 +147,7 @@ COMPARE = """
 import json, sys, torch
 from pathlib import Path
 from kdpipe.config import load_config
-from kdpipe.ml.data import load_dataset, make_splits
+from kdpipe.ml.data.memory import load_dataset, make_splits
 from tests.stages.test_training import _fit_data_parallel
 torch.set_num_threads(1)
 cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else {config!r})

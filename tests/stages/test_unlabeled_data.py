@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from kdpipe.config import DistillConfig, LoadedConfig, parse_config
-from kdpipe.ml.data import Batch, Splits, labeled_part, train_batches
-from kdpipe.ml.imagedata import open_data
-from kdpipe.ml.split import split_model
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.data.imagedata import open_data
+from kdpipe.ml.data.memory import Batch, Splits, labeled_part, train_batches
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.zoo import create_model
 from kdpipe.runner import run_pipeline
 from kdpipe.stages.distillers import DISTILLERS, DataInfo, OnlineTeacher, TeacherParts
 from tests.conftest import TINY, deep_merge

@@ -12,8 +12,8 @@ from torch import nn
 
 from kdpipe.config import DistillConfig, load_config
 from kdpipe.errors import ConfigError
-from kdpipe.ml.data import Batch
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.data.memory import Batch
+from kdpipe.ml.models.zoo import create_model
 from kdpipe.runner import run_pipeline
 from kdpipe.stages.distillers import DISTILLERS, DataInfo, OnlineTeacher, TeacherParts, load_student
 from kdpipe.stages.distillers.zipf import dense_votes, min_ranks, zipf_targets, zipf_term

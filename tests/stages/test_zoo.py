@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.zoo import GrayToRGB, count_parameters, create_model, model_names
+from kdpipe.ml.models.zoo import GrayToRGB, count_parameters, create_model, model_names
 from kdpipe.registry import UnknownNameError
 
 torch.set_num_threads(1)

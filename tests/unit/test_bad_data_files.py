@@ -12,7 +12,7 @@ import pytest
 
 from kdpipe.config import load_config
 from kdpipe.errors import UsageError
-from kdpipe.ml.data import load_dataset
+from kdpipe.ml.data.memory import load_dataset
 from tests.unit.test_sources import fake_fashion
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"

@@ -12,10 +12,10 @@ import torch
 from kdpipe.config import load_config
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import sha256_file
-from kdpipe.ml import condense as dm
-from kdpipe.ml import dsa
-from kdpipe.ml import transfer_sets as ts
-from kdpipe.ml.data import load_dataset, make_splits
+from kdpipe.ml.data import condense as dm
+from kdpipe.ml.data import dsa
+from kdpipe.ml.data import transfer_sets as ts
+from kdpipe.ml.data.memory import load_dataset, make_splits
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_transfer_set_config_combinations():
 
 
 def test_dsa_training_batches_are_seeded_and_transformed():
-    from kdpipe.ml.data import train_batches
+    from kdpipe.ml.data.memory import train_batches
 
     cfg = load_config(None, ["data.dataset=synthetic", "data.augment.random_crop_padding=0"])
     data = load_dataset(cfg)

@@ -147,11 +147,10 @@ FORKS = textwrap.dedent(
     import os, sys, time
     from kdpipe.lock import CacheLock
     lock = CacheLock(sys.argv[1]).acquire()
-    child = os.fork()
-    if child == 0:  # a worker forked while the lock is held
+    if os.fork() == 0:  # a worker forked while the lock is held; its fork hooks have run once fork returns here
+        print(os.getpid(), flush=True)
         time.sleep(60)
         os._exit(0)
-    print(child, flush=True)
     time.sleep(60)
     """
 )

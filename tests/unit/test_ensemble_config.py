@@ -8,7 +8,7 @@ import pytest
 from kdpipe.cache import cache_key, key_payload, library_versions
 from kdpipe.config import ConfigError, LoadedConfig, load_config, parse_config
 from kdpipe.fileio import FileDigests
-from kdpipe.ml.sources import dataset_fingerprint
+from kdpipe.ml.data.sources import dataset_fingerprint
 from kdpipe.runner import plan
 from kdpipe.stages import ORDER, STAGES
 from tests.conftest import TINY

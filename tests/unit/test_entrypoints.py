@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.entrypoints import (
+from kdpipe.ml.models.entrypoints import (
     build_from_entrypoint,
     parse_entrypoint,
     resolve_model_name,
     source_digest,
 )
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.models.zoo import create_model
 
 MODELS_PY = """
 import torch

@@ -11,7 +11,7 @@ import pytest
 from kdpipe.config import LoadedConfig, parse_config
 from kdpipe.errors import UsageError
 from kdpipe.fileio import FileDigests
-from kdpipe.ml import filelists, sources
+from kdpipe.ml.data import filelists, sources
 from tests.image_data import make_imagefolder, write_lists
 
 
@@ -70,7 +70,7 @@ def test_a_list_file_names_classes_or_labels(tmp_path):
 
 
 def test_in_memory_auto_holds_what_fits_the_budget():
-    from kdpipe.ml.imagedata import choose_in_memory
+    from kdpipe.ml.data.imagedata import choose_in_memory
 
     small = config({"dataset": "imagefolder", "root": "x", "memory_budget_mb": 100})
     assert choose_in_memory(small, 1000, (3, 64, 64))  # 12 MB
@@ -92,7 +92,7 @@ def test_preflight_knows_an_image_folders_shape_without_decoding_it(tmp_path):
 def test_one_run_walks_the_image_tree_once(tmp_path, monkeypatch):
     """The fingerprint, the size checks, the streaming decision and the loading share one listing per loaded
     config (a 300k-image tree walked four times costs minutes); a config loaded again walks it again."""
-    from kdpipe.ml import imagedata
+    from kdpipe.ml.data import imagedata
 
     root = make_imagefolder(tmp_path / "p", train=12, test=4, size=8)
     walks = []

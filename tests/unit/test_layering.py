@@ -5,6 +5,7 @@ Layers, bottom up (docs/architecture.md):
      teachers (the shipped teachers' manifest), launch (torchrun's environment)
      configdoc (the generated config reference and JSON Schema)
   1  kdpipe.ml, kdpipe.reporting, kdpipe.edge, kdpipe.exporters  the toolkits
+     kdpipe.ml in rooms, bottom up: runtime, data, models, train (ML_ROOMS)
   2  kdpipe.stages                                             one file per stage
   3  kdpipe.runner, kdpipe.cli, kdpipe (the package API)         the top floor
 """
@@ -30,6 +31,7 @@ GROUND = {
     "kdpipe.configdoc",
 }  # fmt: skip
 TOP = {"kdpipe", "kdpipe.runner", "kdpipe.cli", "kdpipe.__main__", "kdpipe.preflight"}
+ML_ROOMS = ["runtime", "data", "models", "train"]  # bottom up: a room imports only itself and the rooms below
 
 
 def _modules() -> dict[str, Path]:
@@ -102,6 +104,29 @@ def test_imports_point_down(module: str) -> None:
         )
         if module.startswith("kdpipe.stages"):
             assert target not in {"kdpipe.runner", "kdpipe.cache"}, f"stage module {module} imports {target}"
+
+
+def ml_room(module: str) -> int:
+    parts = module.split(".")
+    assert len(parts) >= 4 and parts[2] in ML_ROOMS, (
+        f"{module} lies outside kdpipe.ml's rooms {ML_ROOMS}: move it into one (docs/architecture.md)"
+    )
+    return ML_ROOMS.index(parts[2])
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("kdpipe.ml.") and m.count(".") >= 3))
+def test_ml_rooms_import_only_downwards(module: str) -> None:
+    for target in GRAPH[module]:
+        if target.startswith("kdpipe.ml.") and target.count(".") >= 3:
+            assert ml_room(target) <= ml_room(module), (
+                f"{module} (kdpipe.ml.{ML_ROOMS[ml_room(module)]}) imports {target} "
+                f"(kdpipe.ml.{ML_ROOMS[ml_room(target)]}): rooms import only downwards, {' < '.join(ML_ROOMS)}"
+            )
+
+
+def test_ml_has_only_rooms() -> None:
+    loose = [m for m in MODULES if m.startswith("kdpipe.ml.") and m.count(".") == 2 and m.split(".")[2] not in ML_ROOMS]
+    assert not loose, f"modules directly in kdpipe.ml: {loose}; put each in one of its rooms {ML_ROOMS}"
 
 
 def test_no_import_cycles() -> None:

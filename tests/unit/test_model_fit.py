@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import DataConfig, PipelineConfig
-from kdpipe.ml.model_fit import SETTINGS, DataFit, checkpoint_problem, fit_problem
+from kdpipe.ml.models.model_fit import SETTINGS, DataFit, checkpoint_problem, fit_problem
 
 SYNTHETIC = DataConfig(dataset="synthetic")
 FIT = DataFit(channels=1, height=12, width=12, classes=4, data=SYNTHETIC)
@@ -89,7 +89,7 @@ def test_a_torchscript_model_is_diagnosed_from_the_error_text():
 
 
 def test_the_python_builder_is_told_what_to_take(tmp_path):
-    from kdpipe.ml.model_fit import builder_hints
+    from kdpipe.ml.models.model_fit import builder_hints
 
     (tmp_path / "m.py").write_text("def bare():\n    pass\n\ndef takes(in_channels, **kw):\n    pass\n")
     bare, takes = (builder_hints(f"python:{tmp_path / 'm.py'}:{f}") for f in ("bare", "takes"))

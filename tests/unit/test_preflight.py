@@ -84,7 +84,7 @@ def test_command_line_gates_and_baseline_models(tmp_path):
 
 
 def test_torchscript_teacher_with_kd_passes(tmp_path):
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.zoo import create_model
 
     model = create_model("tiny_cnn_wide", num_classes=4, in_channels=1).eval()
     torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, 12, 12)), tmp_path / "t.ts")  # it is loaded and run

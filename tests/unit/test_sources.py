@@ -8,7 +8,7 @@ import pytest
 
 from kdpipe.config import load_config
 from kdpipe.errors import UsageError
-from kdpipe.ml import sources
+from kdpipe.ml.data import sources
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -56,7 +56,7 @@ def test_missing_data_says_how_to_get_it(no_system_data, tmp_path):
 
 def test_idx_reader_and_fingerprint(no_system_data, tmp_path, monkeypatch):
     from kdpipe.fileio import FileDigests
-    from kdpipe.ml.data import load_dataset
+    from kdpipe.ml.data.memory import load_dataset
 
     folder = fake_fashion(tmp_path / "d")
     monkeypatch.setenv("KDPIPE_DATA", str(folder))
@@ -75,7 +75,7 @@ def test_idx_reader_and_fingerprint(no_system_data, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_from_debian():
-    from kdpipe.ml.data import load_dataset, make_splits
+    from kdpipe.ml.data.memory import load_dataset, make_splits
 
     cfg = load_config(None)
     data = load_dataset(cfg)

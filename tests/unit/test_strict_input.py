@@ -11,7 +11,7 @@ import pytest
 from kdpipe.config import load_config
 from kdpipe.diskspace import check_writable_dir
 from kdpipe.errors import ConfigError, UsageError
-from kdpipe.ml import sources
+from kdpipe.ml.data import sources
 
 
 def one_line_error(tmp_path: Path, text: str | bytes, overrides=()) -> str:

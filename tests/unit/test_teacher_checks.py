@@ -11,10 +11,15 @@ import yaml
 
 from kdpipe.config import Normalize
 from kdpipe.errors import ConfigError
-from kdpipe.ml.preprocessing import adapter_spec, read_sidecar, teacher_normalization, with_adapter
-from kdpipe.ml.split import split_model
-from kdpipe.ml.teacher_checks import chance_ceiling, check_teacher_accuracy, size_verdict, smallest_fitting_factor
-from kdpipe.ml.zoo import create_model
+from kdpipe.ml.models.preprocessing import adapter_spec, read_sidecar, teacher_normalization, with_adapter
+from kdpipe.ml.models.split import split_model
+from kdpipe.ml.models.teacher_checks import (
+    chance_ceiling,
+    check_teacher_accuracy,
+    size_verdict,
+    smallest_fitting_factor,
+)
+from kdpipe.ml.models.zoo import create_model
 
 
 def test_the_adapter_turns_data_normalisation_into_the_teachers():
@@ -90,7 +95,7 @@ def test_the_size_verdict_names_the_factor_that_fits():
 
 def test_a_loaded_timm_teachers_input_size_and_crop_become_the_datas_defaults(tmp_path):
     from kdpipe.config import load_config
-    from kdpipe.ml.teacher_build import with_teacher_data_defaults
+    from kdpipe.ml.models.teacher_build import with_teacher_data_defaults
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "w.safetensors").write_bytes(b"")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from kdpipe.config import LoadedConfig, parse_config
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
-from kdpipe.ml import unlabeled
-from kdpipe.ml.data import Batch
-from kdpipe.ml.sources import dataset_fingerprint
+from kdpipe.ml.data import unlabeled
+from kdpipe.ml.data.memory import Batch
+from kdpipe.ml.data.sources import dataset_fingerprint
 from kdpipe.stages.distillers.base import labeled_ce
 from kdpipe.stages.distillers.dkd import dkd_loss
 from kdpipe.stages.distillers.kd import kd_loss

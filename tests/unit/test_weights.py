@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import ConfigError, UsageError
-from kdpipe.ml.weights import is_safetensors, load_weights, read_metadata, save_weights
+from kdpipe.ml.models.weights import is_safetensors, load_weights, read_metadata, save_weights
 
 
 def tiny() -> nn.Module:

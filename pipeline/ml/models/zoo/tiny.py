@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdpipe.ml.zoo.base import MODELS
-from kdpipe.ml.zoo.init import kaiming_init
+from kdpipe.ml.models.zoo.base import MODELS
+from kdpipe.ml.models.zoo.init import kaiming_init
 
 
 class TinyCNN(nn.Module):

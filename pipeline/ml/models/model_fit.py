@@ -109,7 +109,7 @@ def _ways_out(*options: str | None) -> str:
 def builder_hints(name: str) -> dict[str, str]:
     """What the model's builder can change: a ``python:`` function builds from the arguments it is offered (or
     is told to take them); zoo, timm and torchvision models are already built from the data's shape."""
-    from kdpipe.ml.entrypoints import PYTHON_PREFIX, accepted_args, load_callable, parse_entrypoint
+    from kdpipe.ml.models.entrypoints import PYTHON_PREFIX, accepted_args, load_callable, parse_entrypoint
 
     if not name.startswith(PYTHON_PREFIX):
         return {}

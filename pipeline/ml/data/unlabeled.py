@@ -1,7 +1,7 @@
 """Training images without labels (``data.unlabeled``) and label scarcity (``data.labels_per_class``).
 
 An unlabelled training image is one whose label is :data:`UNLABELED` (-1): it joins the training split, never
-the validation or test split, and a :class:`~kdpipe.ml.data.Batch` says which of its images have labels
+the validation or test split, and a :class:`~kdpipe.ml.data.memory.Batch` says which of its images have labels
 (``Batch.labeled``). Loss terms that need a label read the labelled part only; the teacher's terms read all.
 
 ``data.unlabeled`` names the images: a folder (every image under it, class folders or not), a list file of image
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdpipe.config import LoadedConfig, looks_like_shards
 from kdpipe.errors import ConfigError, UsageError
-from kdpipe.ml.filelists import IMAGE_SUFFIXES, SKIP_HINT, FileList, check_shard, expand_shards, shard_index
+from kdpipe.ml.data.filelists import IMAGE_SUFFIXES, SKIP_HINT, FileList, check_shard, expand_shards, shard_index
 
 if TYPE_CHECKING:
     import numpy as np

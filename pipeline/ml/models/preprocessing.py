@@ -40,7 +40,7 @@ class Renormalize(nn.Module):
 
 
 class Preprocessed(nn.Module):
-    """A teacher with its input re-normalisation in front; :func:`~kdpipe.ml.split.split_model` splits the
+    """A teacher with its input re-normalisation in front; :func:`~kdpipe.ml.models.split.split_model` splits the
     inner model and puts ``renorm`` at the start of the body."""
 
     def __init__(self, renorm: Renormalize, model: nn.Module) -> None:

@@ -25,7 +25,7 @@ from kdpipe.config import Augment, TrainConfig
 from kdpipe.diskspace import writing
 from kdpipe.errors import describe
 from kdpipe.fileio import atomic_path, atomic_write_text, sha256_file
-from kdpipe.ml.data import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
+from kdpipe.ml.data.memory import Batch, Splits, ViewTable, normalize, steps_per_epoch, train_batches
 
 CHECKPOINT = "epoch.pt"
 PREVIOUS = "epoch.prev.pt"  # the checkpoint before the last: kept until the next one is complete
@@ -169,7 +169,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 class BatchSource(Protocol):
     """Where training batches come from instead of the training split (data-free distillation's generator,
-    :class:`~kdpipe.ml.datafree.SyntheticSource`): ``steps`` batches an epoch, a pure function of the epoch and of
+    :class:`~kdpipe.ml.train.datafree.SyntheticSource`): ``steps`` batches an epoch, a pure function of the epoch and of
     :meth:`state_dict`, which is checkpointed with the model so a killed run resumes to the same result."""
 
     steps: int
@@ -191,7 +191,7 @@ class FitJob:
         model: what is evaluated on the val split each epoch (and whose best weights are kept).
         trainable: the module whose parameters are optimised (and put in train mode); part of ``model``
             or equal to it.
-        loss_fn: ``batch -> loss`` for one :class:`~kdpipe.ml.data.Batch` (images and labels on ``device``).
+        loss_fn: ``batch -> loss`` for one :class:`~kdpipe.ml.data.memory.Batch` (images and labels on ``device``).
         channels_last: move the model and every batch to channels_last memory format (faster convolutions;
             the caller converts any other module ``loss_fn`` uses).
         views: precomputed augmentation views (with cached teacher features): batches replay one of them.
@@ -240,7 +240,7 @@ def fit(*, nproc: int = 1, **job: Any) -> dict[str, Any]:
     if nproc > 1 and spec.source is not None:
         raise ValueError("a batch source trains in one process (nproc 1)")
     if nproc > 1:
-        from kdpipe.ml.distributed import run_data_parallel
+        from kdpipe.ml.runtime.distributed import run_data_parallel
 
         return run_data_parallel(nproc, spec.work_dir, lambda: _Loop(spec).run())
     return _Loop(spec).run()
@@ -250,7 +250,7 @@ class _Loop:
     """The epoch loop of one process: resume, train an epoch, evaluate and checkpoint, return the best."""
 
     def __init__(self, job: FitJob) -> None:
-        from kdpipe.ml.distributed import world
+        from kdpipe.ml.runtime.distributed import world
 
         self.job = job
         self.rank, self.size = world()
@@ -356,7 +356,7 @@ class _Loop:
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float]:
         """One pass over the training batches; returns (mean loss, images of all ranks, seconds)."""
-        from kdpipe.ml.distributed import average_buffers, average_gradients
+        from kdpipe.ml.runtime.distributed import average_buffers, average_gradients
 
         job, conf, rank, size = self.job, self.job.conf, self.rank, self.size
         job.trainable.train()

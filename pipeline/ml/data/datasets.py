@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe.ml.filelists import FileList, hash_fraction
-from kdpipe.ml.recipes import Geometry, open_image, sample_seed, seeded
+from kdpipe.ml.data.filelists import FileList, hash_fraction
+from kdpipe.ml.data.recipes import Geometry, open_image, sample_seed, seeded
 
 Item = tuple[torch.Tensor, int, int, str]  # uint8 image, label, index, error ("" when fine)
 
@@ -34,7 +34,7 @@ def _decode(source: Path | bytes, label: int, index: int, geo: Geometry, transfo
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images of a :class:`~kdpipe.ml.filelists.FileList`, decoded and transformed on access.
+    """Images of a :class:`~kdpipe.ml.data.filelists.FileList`, decoded and transformed on access.
 
     An item is either a row number (deterministic transforms) or ``(row, epoch_seed)`` from
     :class:`EpochSampler`, which seeds that image's augmentation.

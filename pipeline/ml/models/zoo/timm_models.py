@@ -4,7 +4,7 @@ The model is built with the data's channels (``in_chans``) and classes, ``pretra
 come only from a local file (``teacher.path``), never from the hub at run time. Models built for one input
 size (ViTs: ``fixed_input_size`` in timm's pretrained config) get ``img_size`` = the data's image size unless
 the config's kwargs set it. timm's own body/head contract (``forward_features`` / ``forward_head``) is
-what :mod:`kdpipe.ml.contract_split` cuts such a model at.
+what :mod:`kdpipe.ml.models.contract_split` cuts such a model at.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from kdpipe.errors import UsageError, first_line
-from kdpipe.ml.zoo.base import register_adapter
+from kdpipe.ml.models.zoo.base import register_adapter
 from kdpipe.registry import UnknownNameError
 
 TIMM_PREFIX = "timm:"

@@ -1,5 +1,5 @@
 """A run's splits when ``data.transfer_set`` names a transfer set: its images are the training split, the dataset's
-own val and test split stay (:mod:`kdpipe.ml.transfer_sets` has the folder's layout and checks)."""
+own val and test split stay (:mod:`kdpipe.ml.data.transfer_sets` has the folder's layout and checks)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import torch
 from kdpipe.config import LoadedConfig
 from kdpipe.errors import ConfigError
 from kdpipe.fileio import FileDigests
-from kdpipe.ml.data import Dataset, Splits, steps_per_epoch, train_batches
-from kdpipe.ml.transfer_sets import TransferSet, open_transfer_set, read_images
+from kdpipe.ml.data.memory import Dataset, Splits, steps_per_epoch, train_batches
+from kdpipe.ml.data.transfer_sets import TransferSet, open_transfer_set, read_images
 
 
 class TransferSplits:
     """Splits whose training part is a transfer set's images, passed over ``repeats`` times per epoch (each pass
     freshly shuffled and augmented); val and test are the dataset's. The training loop reaches it through
-    :func:`kdpipe.ml.data.train_batches` and :func:`~kdpipe.ml.data.steps_per_epoch`, like streamed splits."""
+    :func:`kdpipe.ml.data.memory.train_batches` and :func:`~kdpipe.ml.data.memory.steps_per_epoch`, like streamed
+    splits."""
 
     def __init__(self, data: Any, train_idx: Any, val_idx: Any, repeats: int) -> None:
         self.data, self.train_idx, self.val_idx, self.repeats = data, train_idx, val_idx, repeats

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.dsa import DSA
+from kdpipe.ml.data.dsa import DSA
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def source_config(cfg: Any) -> Any:
 def make_transfer_set(
     cfg: Any, out: Any, settings: DMSettings, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Condense the config's training split (never val or test) into ``out`` (:mod:`kdpipe.ml.transfer_sets`):
+    """Condense the config's training split (never val or test) into ``out`` (:mod:`kdpipe.ml.data.transfer_sets`):
     ``settings.per_class`` images per class, with provenance. Returns the provenance written."""
     import time
     from pathlib import Path
@@ -197,10 +197,10 @@ def make_transfer_set(
     from tqdm import tqdm
 
     from kdpipe.fileio import FileDigests
-    from kdpipe.ml.device import pick_device
-    from kdpipe.ml.imagedata import open_data
-    from kdpipe.ml.sources import dataset_fingerprint
-    from kdpipe.ml.transfer_sets import check_output, write_transfer_set
+    from kdpipe.ml.data.imagedata import open_data
+    from kdpipe.ml.data.sources import dataset_fingerprint
+    from kdpipe.ml.data.transfer_sets import check_output, write_transfer_set
+    from kdpipe.ml.runtime.device import pick_device
     from kdpipe.version import __version__
 
     out = Path(out)

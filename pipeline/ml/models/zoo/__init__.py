@@ -6,7 +6,7 @@ Constructors are registered in :data:`MODELS` under their function name and all 
 body/head splitter can cut it at the input of the last pooling op.
 """
 
-from kdpipe.ml.zoo import (  # noqa: F401 - registers the models and adapters
+from kdpipe.ml.models.zoo import (  # noqa: F401 - registers the models and adapters
     mobilenetv2,
     resnet_cifar,
     shufflenetv2,
@@ -15,7 +15,7 @@ from kdpipe.ml.zoo import (  # noqa: F401 - registers the models and adapters
     user_code,
     wrn,
 )
-from kdpipe.ml.zoo.base import (
+from kdpipe.ml.models.zoo.base import (
     MODELS,
     TORCHVISION_PREFIX,
     GrayToRGB,

@@ -19,11 +19,11 @@ import torch
 
 from kdpipe.config import FILE_DATASETS, LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
-from kdpipe.ml import filelists, sources, unlabeled
-from kdpipe.ml.data import KNOWN_STATS, Dataset, Splits, load_dataset, make_splits
-from kdpipe.ml.datasets import ImageFiles, ShardImages, ShardRows
-from kdpipe.ml.loaders import BadImages, LazyImages, Loaders, StreamData, StreamSplits
-from kdpipe.ml.recipes import Geometry, channel_stats, eval_transform, geometry, train_transform
+from kdpipe.ml.data import filelists, sources, unlabeled
+from kdpipe.ml.data.datasets import ImageFiles, ShardImages, ShardRows
+from kdpipe.ml.data.loaders import BadImages, LazyImages, Loaders, StreamData, StreamSplits
+from kdpipe.ml.data.memory import KNOWN_STATS, Dataset, Splits, load_dataset, make_splits
+from kdpipe.ml.data.recipes import Geometry, channel_stats, eval_transform, geometry, train_transform
 
 STATS_SAMPLE = 1000
 SHARDS_BESIDE_FILES = (
@@ -35,7 +35,7 @@ SHARDS_BESIDE_FILES = (
 def open_data(cfg: LoadedConfig) -> tuple[Any, Any]:
     """(data, splits) of the configured dataset: :class:`Dataset`/:class:`Splits` in memory, or
     :class:`StreamData`/:class:`StreamSplits` streamed; with ``data.transfer_set``, its images are the training
-    split (:func:`kdpipe.ml.transfer_splits.use_transfer_set`)."""
+    split (:func:`kdpipe.ml.data.transfer_splits.use_transfer_set`)."""
     data, splits = _open_data(cfg)
     if cfg.config.data.augment.dsa and not isinstance(data.train_x, torch.Tensor):
         raise ConfigError(
@@ -45,7 +45,7 @@ def open_data(cfg: LoadedConfig) -> tuple[Any, Any]:
         )
     if cfg.config.data.transfer_set is None:
         return data, splits
-    from kdpipe.ml.transfer_splits import use_transfer_set
+    from kdpipe.ml.data.transfer_splits import use_transfer_set
 
     return use_transfer_set(cfg, data, splits)
 

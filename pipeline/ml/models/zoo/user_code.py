@@ -1,6 +1,6 @@
 """``python:FILE.py:FUNC`` / ``python:pkg.module:FUNC``: a model built by the user's own function.
 
-This runs the user's code (see :mod:`kdpipe.ml.entrypoints`). A relative file resolves against the current
+This runs the user's code (see :mod:`kdpipe.ml.models.entrypoints`). A relative file resolves against the current
 folder here; the stages resolve it against the config's folder first (``resolve_model_name``).
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from kdpipe.ml.entrypoints import PYTHON_PREFIX, build_from_entrypoint, parse_entrypoint
-from kdpipe.ml.zoo.base import register_adapter
+from kdpipe.ml.models.entrypoints import PYTHON_PREFIX, build_from_entrypoint, parse_entrypoint
+from kdpipe.ml.models.zoo.base import register_adapter
 
 
 @register_adapter(PYTHON_PREFIX)

@@ -2,7 +2,7 @@
 
 Small datasets (Fashion-MNIST, CIFAR, synthetic, small image folders) are loaded once as whole tensors;
 batches are cut, augmented (random crop with padding, horizontal flip) and normalised as tensors, never
-one PIL image at a time. Larger image datasets stream (:mod:`kdpipe.ml.loaders`); :func:`train_batches`
+one PIL image at a time. Larger image datasets stream (:mod:`kdpipe.ml.data.loaders`); :func:`train_batches`
 and :func:`steps_per_epoch` serve either, and both yield the one :class:`Batch` type.
 """
 
@@ -20,8 +20,8 @@ import torch
 
 from kdpipe.config import Augment, LoadedConfig
 from kdpipe.errors import UsageError, describe
-from kdpipe.ml import sources
-from kdpipe.ml.dsa import DSA
+from kdpipe.ml.data import sources
+from kdpipe.ml.data.dsa import DSA
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -177,7 +177,7 @@ def load_dataset(cfg: LoadedConfig) -> Dataset:
     elif data.dataset in KNOWN_STATS:
         mean, std = KNOWN_STATS[data.dataset]
     else:  # exact, a chunk at a time: never a float copy of the whole set
-        from kdpipe.ml.recipes import channel_stats
+        from kdpipe.ml.data.recipes import channel_stats
 
         mean, std = channel_stats(tx.split(1024))
     return Dataset(

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdpipe.ml.zoo.base import MODELS
-from kdpipe.ml.zoo.init import kaiming_init
+from kdpipe.ml.models.zoo.base import MODELS
+from kdpipe.ml.models.zoo.init import kaiming_init
 
 THIN = (16, 16, 32, 64)
 WIDE_X4 = (32, 64, 128, 256)

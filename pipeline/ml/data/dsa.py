@@ -1,7 +1,7 @@
 """Differentiable siamese augmentation (DSA; Zhao & Bilen, "Dataset Condensation with Differentiable Siamese
 Augmentation", ICML 2021) as torch ops on normalised float batches.
 
-Distribution matching (:mod:`kdpipe.ml.condense`) applies one transform with the same parameters to a class's real
+Distribution matching (:mod:`kdpipe.ml.data.condense`) applies one transform with the same parameters to a class's real
 batch and its synthetic images (siamese), and the gradient flows through it to the synthetic pixels. Models trained
 on a condensed set see the same family of transforms, with parameters drawn per image (``data.augment.dsa``).
 """

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdpipe.ml.zoo.base import MODELS
+from kdpipe.ml.models.zoo.base import MODELS
 
 _CONFIG_1X = {"out_channels": (116, 232, 464, 1024), "num_blocks": (3, 7, 3)}
 

@@ -10,9 +10,9 @@ from typing import Any
 from kdpipe.config import DataConfig, LoadedConfig
 from kdpipe.errors import ConfigError, UsageError
 from kdpipe.fileio import FileDigests
-from kdpipe.ml import filelists
-from kdpipe.ml.filelists import configured_root
-from kdpipe.ml.unlabeled import fingerprint as fingerprint_unlabeled
+from kdpipe.ml.data import filelists
+from kdpipe.ml.data.filelists import configured_root
+from kdpipe.ml.data.unlabeled import fingerprint as fingerprint_unlabeled
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (
@@ -124,7 +124,7 @@ def dataset_fingerprint(cfg: LoadedConfig, memo: FileDigests) -> dict[str, Any]:
         found = {**found, "unlabeled": unlabeled}
     if cfg.config.data.transfer_set is None:
         return found
-    from kdpipe.ml.transfer_sets import fingerprint
+    from kdpipe.ml.data.transfer_sets import fingerprint
 
     return {**found, "transfer_set": fingerprint(cfg, memo)}
 

@@ -1,8 +1,8 @@
 """The zoo's registry and builders: :data:`MODELS`, :func:`create_model` (zoo names and prefixed adapters).
 
 A name with a prefix is handed to that prefix's adapter (:data:`ADAPTERS`): ``torchvision:NAME`` here,
-``timm:NAME`` (:mod:`kdpipe.ml.zoo.timm_models`) and ``python:FILE.py:FUNC`` / ``python:pkg.mod:FUNC``
-(:mod:`kdpipe.ml.zoo.user_code`). An adapter takes the name after the prefix plus the build arguments.
+``timm:NAME`` (:mod:`kdpipe.ml.models.zoo.timm_models`) and ``python:FILE.py:FUNC`` / ``python:pkg.mod:FUNC``
+(:mod:`kdpipe.ml.models.zoo.user_code`). An adapter takes the name after the prefix plus the build arguments.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ convolutions and a pool hidden in ``forward``), which the SimKD reference code c
 Shapes are fixed once here, when the model is built, so no teacher forward is ever needed to read them.
 
 Models with timm's contract (``forward_features`` / ``forward_head``: every timm model, CNN or ViT) are cut
-through it instead (:mod:`kdpipe.ml.contract_split`), unless a feature node is named.
+through it instead (:mod:`kdpipe.ml.models.contract_split`), unless a feature node is named.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.contract_split import MAP, contract_split, has_contract
-from kdpipe.ml.preprocessing import Preprocessed
+from kdpipe.ml.models.contract_split import MAP, contract_split, has_contract
+from kdpipe.ml.models.preprocessing import Preprocessed
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
 _POOL_FUNCTIONS = {
@@ -43,7 +43,7 @@ class Split:
 
     ``mode`` says how: ``fx`` (traced, cut at the last global pool), ``map`` (timm's forward_features /
     forward_head) or ``pre_logits`` (a token model's pooled pre-logits as a (D, 1, 1) map, the head its
-    classifier); see :mod:`kdpipe.ml.contract_split`. ``node`` names the cut for reports.
+    classifier); see :mod:`kdpipe.ml.models.contract_split`. ``node`` names the cut for reports.
     """
 
     body: nn.Module

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdpipe.config import LoadedConfig, TeacherConfig
 from kdpipe.errors import ConfigError, UsageError
-from kdpipe.ml.entrypoints import PYTHON_PREFIX, model_label, parse_entrypoint, source_file
+from kdpipe.ml.models.entrypoints import PYTHON_PREFIX, model_label, parse_entrypoint, source_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,9 +59,9 @@ class TeacherBuild:
 
 def build_teacher(cfg: LoadedConfig, num_classes: int, input_shape: tuple[int, ...]) -> TeacherBuild:
     """The teacher model (weights loaded when a file gives them), seeded by the caller."""
-    from kdpipe.ml.model_fit import DataFit
-    from kdpipe.ml.models import load_into, load_state_dict_file
-    from kdpipe.ml.zoo import create_model
+    from kdpipe.ml.models.loading import load_into, load_state_dict_file
+    from kdpipe.ml.models.model_fit import DataFit
+    from kdpipe.ml.models.zoo import create_model
 
     conf = cfg.config.teacher
     arch = teacher_arch(conf, cfg.base)
@@ -89,7 +89,7 @@ def preprocessing_spec(
 ) -> dict[str, Any]:
     """Spec entries for the teacher's own preprocessing: ``input_adapter`` (or None), where its mean/std came
     from, and the input size its pretrained config names (``expected_input_size``, loaded weights only)."""
-    from kdpipe.ml.preprocessing import adapter_spec, teacher_normalization
+    from kdpipe.ml.models.preprocessing import adapter_spec, teacher_normalization
 
     out: dict[str, Any] = {"input_adapter": None, "preprocessing_source": "data", "expected_input_size": None}
     cfg_model = getattr(model, "pretrained_cfg", None)
@@ -98,7 +98,7 @@ def preprocessing_spec(
     meta = None
     path = weights_path(cfg) if loaded else None
     if path is not None:
-        from kdpipe.ml.weights import is_safetensors, read_metadata
+        from kdpipe.ml.models.weights import is_safetensors, read_metadata
 
         meta = read_metadata(path) if is_safetensors(path) else None
     found = teacher_normalization(cfg.config.teacher, model, loaded, len(data_mean), cfg.resolve, cfg.source, meta)
@@ -110,7 +110,7 @@ def preprocessing_spec(
 
 def trained_normalization(spec: dict[str, Any], data_mean: list[float], data_std: list[float]) -> dict[str, str]:
     """safetensors metadata recording the normalisation the teacher's weights expect (what
-    :func:`~kdpipe.ml.preprocessing.teacher_normalization` reads back when the file is loaded again)."""
+    :func:`~kdpipe.ml.models.preprocessing.teacher_normalization` reads back when the file is loaded again)."""
     adapter = spec.get("input_adapter")
     mean, std = (adapter["mean"], adapter["std"]) if adapter else (data_mean, data_std)
     return {"kdpipe_mean": json.dumps(list(mean)), "kdpipe_std": json.dumps(list(std)), "arch": str(spec["arch"])}
@@ -124,11 +124,11 @@ def check_model_ref(name: str, base: Path) -> bool:
         UsageError: an unknown timm name, or an entry point that cannot be found or imported.
     """
     if name.startswith(PYTHON_PREFIX):
-        from kdpipe.ml.entrypoints import load_callable
+        from kdpipe.ml.models.entrypoints import load_callable
 
         load_callable(parse_entrypoint(name[len(PYTHON_PREFIX) :], base))
         return True
-    from kdpipe.ml.zoo.timm_models import TIMM_PREFIX, check_timm_name
+    from kdpipe.ml.models.zoo.timm_models import TIMM_PREFIX, check_timm_name
 
     if name.startswith(TIMM_PREFIX):
         check_timm_name(name[len(TIMM_PREFIX) :])

@@ -1,9 +1,9 @@
 """The streaming data path: images decoded per batch in DataLoader worker processes, never all at once.
 
-:class:`StreamData` and :class:`StreamSplits` stand where the in-memory :class:`~kdpipe.ml.data.Dataset` and
-:class:`~kdpipe.ml.data.Splits` do, with the same attributes, so every stage reads data one way:
+:class:`StreamData` and :class:`StreamSplits` stand where the in-memory :class:`~kdpipe.ml.data.memory.Dataset` and
+:class:`~kdpipe.ml.data.memory.Splits` do, with the same attributes, so every stage reads data one way:
 
-- training: ``train_batches(splits, ...)`` yields :class:`~kdpipe.ml.data.Batch` (normalised images,
+- training: ``train_batches(splits, ...)`` yields :class:`~kdpipe.ml.data.memory.Batch` (normalised images,
   labels, indices) whichever path holds the data;
 - evaluation: ``test_x`` / ``val_x`` / ``train_x`` are image sequences. In memory they are uint8 tensors;
   here they are :class:`LazyImages`, whose slices are uint8 batches decoded by loader workers (a scan in
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from kdpipe.errors import UsageError
-from kdpipe.ml.datasets import EpochSampler, ImageFiles, ShardImages
-from kdpipe.ml.filelists import SKIP_HINT
+from kdpipe.ml.data.datasets import EpochSampler, ImageFiles, ShardImages
+from kdpipe.ml.data.filelists import SKIP_HINT
 
 
 def usable_cores() -> int:
@@ -135,7 +135,7 @@ class LazyImages:
 
 
 class StreamData:
-    """A dataset streamed from files or shards; attributes match :class:`~kdpipe.ml.data.Dataset`."""
+    """A dataset streamed from files or shards; attributes match :class:`~kdpipe.ml.data.memory.Dataset`."""
 
     def __init__(
         self,
@@ -207,7 +207,7 @@ class StreamSplits:
         self.with_unlabeled = True  # shards: read data.unlabeled's shards too (file lists: their rows are in train_idx)
 
     def labeled_part(self) -> StreamSplits:
-        """The same splits with only the labelled training images (see :func:`kdpipe.ml.data.labeled_part`)."""
+        """The same splits with only the labelled training images (see :func:`kdpipe.ml.data.memory.labeled_part`)."""
         part = copy.copy(self)
         part._train = {}
         labels = self.data.train_y[self.train_idx]
@@ -219,7 +219,7 @@ class StreamSplits:
 
     def _sampler_loader(self, batch_size: int, seed: int) -> tuple[Any, Any]:
         """The epoch source (sampler or shard stream) and loader for this process; workers persist across epochs."""
-        from kdpipe.ml.distributed import world
+        from kdpipe.ml.runtime.distributed import world
 
         rank, size = world()
         local = max(1, batch_size // size)
@@ -246,7 +246,7 @@ class StreamSplits:
 
     def steps_per_epoch(self, batch_size: int, seed: int = 0) -> int:
         if self.streamed_train:
-            from kdpipe.ml.distributed import world
+            from kdpipe.ml.runtime.distributed import world
 
             glob = batch_size // world()[1] * world()[1]
             return max(1, len(self.train_idx) // glob)
@@ -257,11 +257,11 @@ class StreamSplits:
 
         Recipe cifar augments in the main process with the in-memory path's generator, drawn in the same order
         (the permutation, then each global batch's crops and flips), so both paths train on the same batches."""
-        from kdpipe.ml.data import Batch, apply_params, normalize, sample_params
+        from kdpipe.ml.data.memory import Batch, apply_params, normalize, sample_params
 
         if views is not None:
             raise UsageError("cached teacher features (features.enabled) need the in-memory data path")
-        from kdpipe.ml.distributed import world
+        from kdpipe.ml.runtime.distributed import world
 
         rank, size = world()
         epoch_source, loader = self._sampler_loader(batch_size, seed)

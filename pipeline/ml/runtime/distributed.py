@@ -1,6 +1,6 @@
 """Data-parallel training: N processes joined in a torch.distributed process group.
 
-Two ways in, one training loop (:func:`kdpipe.ml.training.fit` asks :func:`world` for its rank and size):
+Two ways in, one training loop (:func:`kdpipe.ml.train.training.fit` asks :func:`world` for its rank and size):
 
 - ``runtime.nproc: N`` (``kdpipe run --nproc N``), CPU: this process is rank 0 and forks ranks 1..N-1
   around each training run, so they inherit the models, data and closures without pickling them (gloo).
@@ -68,7 +68,7 @@ def launched_role(cfg: LoadedConfig) -> Iterator[str | None]:
     if launch is None:
         yield None
         return
-    from kdpipe.ml.device import pick_device
+    from kdpipe.ml.runtime.device import pick_device
 
     if cfg.config.runtime.nproc > 1:
         raise ConfigError(

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from kdpipe.errors import ConfigError, first_line
-from kdpipe.ml.data import Dataset, Splits
-from kdpipe.ml.model_fit import DataFit, builder_hints, checkpoint_problem, fit_problem
-from kdpipe.ml.preprocessing import with_adapter
-from kdpipe.ml.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
-from kdpipe.ml.zoo import GrayToRGB, count_parameters, create_model  # noqa: F401 - re-exported
+from kdpipe.ml.data.memory import Dataset, Splits
+from kdpipe.ml.models.model_fit import DataFit, builder_hints, checkpoint_problem, fit_problem
+from kdpipe.ml.models.preprocessing import with_adapter
+from kdpipe.ml.models.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
+from kdpipe.ml.models.zoo import GrayToRGB, count_parameters, create_model  # noqa: F401 - re-exported
 
 TEACHER_STATE = "teacher.pt"  # teachers committed before safetensors (spec without "weights")
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -25,7 +25,7 @@ TEACHER_SPEC = "teacher.json"
 def stage_data(ctx: Any) -> tuple[Dataset, Splits]:
     """The dataset and its splits (in memory or streamed), opened once per run and shared by its stages."""
     if "data" not in ctx.memo:
-        from kdpipe.ml.imagedata import open_data
+        from kdpipe.ml.data.imagedata import open_data
 
         ctx.memo["data"] = open_data(ctx.cfg)
     return ctx.memo["data"]
@@ -83,7 +83,7 @@ def load_teacher(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher committed by the teacher stage, in eval mode, and its spec.
 
     A teacher whose weights expect another normalisation than the data's comes behind its re-normalisation
-    (spec ``input_adapter``, see :mod:`kdpipe.ml.preprocessing`), so every caller feeds it data-normalised input.
+    (spec ``input_adapter``, see :mod:`kdpipe.ml.models.preprocessing`), so every caller feeds it data-normalised input.
     """
     spec = json.loads((folder / TEACHER_SPEC).read_text())
     if spec["format"] == "torchscript":
@@ -142,7 +142,7 @@ def load_script(path: Path, key: str, source: str) -> torch.jit.ScriptModule:
 
 def check_fits(model: nn.Module, label: str, fit: DataFit, key: str, source: str, builder: str = "") -> None:
     """The model must take the data's images and give one logit per class; else why not, in one line (see
-    :mod:`kdpipe.ml.model_fit`). ``builder`` is the model's name when it says what built it (``python:``)."""
+    :mod:`kdpipe.ml.models.model_fit`). ``builder`` is the model's name when it says what built it (``python:``)."""
     problem = fit_problem(model, label, fit, builder_hints(builder))
     if problem:
         raise ConfigError(key, problem, source)

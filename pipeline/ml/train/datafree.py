@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.config import Augment, DataFreeConfig
-from kdpipe.ml.data import Batch, augment, normalize
+from kdpipe.ml.data.memory import Batch, augment, normalize
 
 TERMS = ("bn", "ce", "entropy", "diversity", "adversarial")
 
@@ -244,7 +244,7 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 class SyntheticSource:
     """The student's training batches, made by a generator trained against the frozen teacher (the module doc).
 
-    The training loop (:func:`~kdpipe.ml.training.fit`, argument ``source``) asks it for an epoch's batches and
+    The training loop (:func:`~kdpipe.ml.train.training.fit`, argument ``source``) asks it for an epoch's batches and
     checkpoints :meth:`state_dict` with the student; batches are a pure function of (seed, epoch) and that state, so
     a killed run resumes to the same result.
 
