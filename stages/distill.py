@@ -99,6 +99,7 @@ class DistillStage(Stage):
         if conf.data == "synthetic":
             datafree.require_validation(cfg, len(splits.val_idx))
         teacher_size = min(count_parameters(model) for _, model, _ in teachers)  # with several: the smallest
+        channels_last = cfg.config.runtime.channels_last
 
         metrics: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
@@ -113,7 +114,7 @@ class DistillStage(Stage):
                 continue
             breakdown = distiller.parameter_breakdown(built)
             if conf.compare:
-                logits = predict(built.model.to(device), data.test_x, data.mean, data.std, 512, device)
+                logits = predict(built.model.to(device), data.test_x, data.mean, data.std, 512, device, channels_last)
                 row = {
                     "method": method,
                     "deployed": main,

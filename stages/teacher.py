@@ -94,7 +94,9 @@ class TeacherStage(Stage):
                 )
         model = with_adapter(model.cpu(), spec.get("input_adapter")).eval()
         if "best_val_top1" not in metrics:  # through the teacher's own preprocessing
-            logits = predict(model, splits.val_x, data.mean, data.std, 512, torch.device("cpu"))
+            logits = predict(
+                model, splits.val_x, data.mean, data.std, 512, torch.device("cpu"), ctx.cfg.config.runtime.channels_last
+            )
             metrics["best_val_top1"] = accuracy(logits, splits.val_y)
         metrics["preprocessing"] = spec.get("preprocessing_source", "data")
         metrics.update(parameters=count_parameters(model), seconds=time.perf_counter() - t0)

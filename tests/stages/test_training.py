@@ -175,3 +175,18 @@ def test_two_gloo_processes_with_batchnorm_match_within_tolerance(write_config, 
     config = write_config({"data": {"synthetic": {"train_size": 640}}})
     r = _in_fresh_python(COMPARE.format(config=str(config), root=str(tmp_path), arch="tiny_cnn"))
     assert abs(r["best1"] - r["best2"]) <= 0.05
+
+
+def test_predict_in_channels_last_gives_the_same_logits_and_hands_the_model_back_as_it_was():
+    from kdpipe.ml.train.training import _is_channels_last, predict
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, in_channels=1).eval()
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
+    plain = predict(model, images, [0.5], [0.25], 16, torch.device("cpu"))
+    fast = predict(model, images, [0.5], [0.25], 16, torch.device("cpu"), channels_last=True)
+    assert torch.allclose(plain, fast, atol=1e-4)
+    assert not _is_channels_last(model)  # converted for the call, handed back contiguous
+    model.to(memory_format=torch.channels_last)  # a model being trained in channels_last stays in it
+    predict(model, images, [0.5], [0.25], 16, torch.device("cpu"), channels_last=True)
+    assert _is_channels_last(model)

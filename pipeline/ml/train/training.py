@@ -82,19 +82,41 @@ def make_scheduler(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], batch_size: int, device: torch.device
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Logits (on CPU, float32) for uint8 images (a tensor or a streamed image sequence), in eval mode.
 
     Batches hold at most :data:`EVAL_PIXELS` values, so 224-px images are evaluated ~110 at a time whatever
-    ``batch_size`` says: memory depends on the image size, never on how many images there are."""
+    ``batch_size`` says: memory depends on the image size, never on how many images there are. ``channels_last``
+    (``runtime.channels_last``): convolutions in that memory format (1.4x faster for wrn_16_2 on this project's
+    CPUs); the model is handed back in its own format."""
     model.eval()
     out = []
     batch_size = max(1, min(batch_size, EVAL_PIXELS // max(1, math.prod(images.shape[1:]))))
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size].to(device), mean, std)
-        out.append(model(x).float().cpu())
+    fmt = torch.channels_last if channels_last and len(images.shape) == 4 else None
+    convert = fmt is not None and not _is_channels_last(model)
+    if convert:
+        model.to(memory_format=fmt)
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start : start + batch_size].to(device), mean, std)
+            out.append(model(x if fmt is None else x.contiguous(memory_format=fmt)).float().cpu())
+    finally:
+        if convert:
+            model.to(memory_format=torch.contiguous_format)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are already in channels_last format (a model being trained in it)."""
+    weight = next((p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:].numel() > 1), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -398,7 +420,8 @@ class _Loop:
 
     def val_top1(self) -> float:
         job, splits = self.job, self.job.splits
-        logits = predict(job.model, splits.val_x, splits.data.mean, splits.data.std, job.eval_batch_size, job.device)
+        mean, std = splits.data.mean, splits.data.std
+        logits = predict(job.model, splits.val_x, mean, std, job.eval_batch_size, job.device, job.channels_last)
         return accuracy(logits, splits.val_y)
 
     def end_epoch(self, epoch: int, loss: float, n: int, seconds: float) -> None:
