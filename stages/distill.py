@@ -93,6 +93,7 @@ class DistillStage(Stage):
         data, splits = ctx.data()
         methods = {m: DISTILLERS.get(m)() for m in dict.fromkeys([conf.method, *conf.compare])}
         info = DataInfo(data.num_classes, tuple(data.input_shape), list(data.classes), splits.train_idx)
+        check_student_fits(ctx, tuple(data.input_shape), data.num_classes)
         teachers, parts = teacher_parts(ctx, list(methods.values()), info)
         tspec = teachers[0][2]
         device = pick_device(cfg.config.runtime.device)
@@ -285,6 +286,33 @@ def signals_of(
     if len(sources) == 1:
         return sources[0], views
     return EnsembleSignals(sources, [p.weight for p in parts], distiller.ensemble_mode()), views
+
+
+def check_student_fits(ctx: StageContext, input_shape: tuple[int, ...], classes: int) -> None:
+    """The student must take the data's images and give one logit per class, else one line (exit 2) before any
+    training. The preflight tries this when the config tells the data's shape; where only the data does (WebDataset
+    shards), this is the first chance, as the teacher stage's is for the teacher."""
+    from kdpipe.ml.models.entrypoints import model_label, resolve_model_name
+    from kdpipe.ml.models.loading import check_fits
+    from kdpipe.ml.models.model_fit import DataFit
+    from kdpipe.ml.models.zoo import UnknownNameError, create_model
+
+    cfg, conf = ctx.cfg, ctx.cfg.config.distill
+    fit = DataFit.of(cfg.config.data, input_shape, classes)
+    try:
+        name = resolve_model_name(conf.student, cfg.base)
+        size = fit.height if fit.height == fit.width else (fit.height, fit.width)
+        model = create_model(
+            name, num_classes=classes, in_channels=fit.channels, image_size=size, kwargs=conf.student_kwargs
+        )
+    except ConfigError:
+        raise
+    except (UnknownNameError, UsageError) as exc:
+        raise ConfigError("distill.student", str(exc), cfg.source) from None
+    except Exception as exc:  # a constructor that cannot take these images or classes
+        message = f"{model_label(conf.student)} cannot be built for {fit.channels}-channel images of {classes} classes"
+        raise ConfigError("distill.student", f"{message}: {type(exc).__name__}: {exc}"[:300], cfg.source) from None
+    check_fits(model, model_label(name), fit, "distill.student", cfg.source, name)
 
 
 def check_loaded_teacher(ctx: StageContext, tspec: dict[str, Any], name: str = "teacher") -> None:

@@ -282,6 +282,27 @@ def test_where_only_the_data_tells_the_shape_the_teacher_stage_refuses_before_tr
     assert not [p for p in (project / ".kdpipe" / "teacher").glob("*") if not p.name.startswith(".")]
 
 
+def test_where_only_the_data_tells_the_shape_the_distill_stage_refuses_the_student_before_training(
+    project, capsys, monkeypatch
+):
+    from kdpipe import preflight
+    from kdpipe.stages.distill import train_method
+
+    trained = []
+    monkeypatch.setattr(preflight, "data_shape", lambda cfg: None)  # as for WebDataset shards
+    monkeypatch.setattr(
+        "kdpipe.stages.distill.train_method", lambda *a, **k: trained.append(a) or train_method(*a, **k)
+    )
+    (project / "models.py").write_text(USER_MODELS)
+    (project / "pipeline.yaml").write_text(
+        yaml.safe_dump({**TINY, "distill": {**TINY.get("distill", {}), "student": "python:models.py:rgb_stem"}})
+    )
+    code, err = run_cli(capsys, "run")
+    assert_one_line_exit_2(code, err, "distill.student: models.py:rgb_stem expects 3 input channels")
+    assert trained == []
+    assert not [p for p in (project / ".kdpipe" / "distill").glob("*") if not p.name.startswith(".")]
+
+
 def test_command_line_gate_naming_an_unknown_model(project, capsys):
     code, err = run_cli(capsys, "run", "--gate", "techer.top1 >= 0.5")
     assert_one_line_exit_2(code, err, "techer")
