@@ -20,47 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
+from cached_runs import run_cached, work_copy
 
 ROOT = Path(__file__).resolve().parent.parent
-KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]  # the console script of this interpreter's install
-
-
-def prepare(config: Path, work: Path) -> Path:
-    """A copy of ``config`` in ``work`` with its cache and outputs there (every row of a part shares the cache)."""
-    work.mkdir(parents=True, exist_ok=True)
-    conf = yaml.safe_load(config.read_text())
-    conf["cache_dir"] = str(work / "cache")
-    conf["output_dir"] = str(work / "out")
-    path = work / config.name
-    path.write_text(yaml.safe_dump(conf, sort_keys=False))
-    return path
 
 
 def run(config: Path, overrides: dict[str, object], until: str | None = None) -> tuple[dict, dict, float]:
     """One cached ``kdpipe run`` (exit 1, a failed gate, is a result, not a failure); returns the distill and
     validate metrics of the run and its wall-clock seconds."""
-    args = [*KDPIPE, "run", "-c", str(config), "--no-progress", *(["--until", until] if until else [])]
-    for key, value in overrides.items():
-        args += ["--set", f"{key}={value}"]
-    t0 = time.perf_counter()
-    done = subprocess.run(args, cwd=config.parent, text=True, capture_output=True)
-    seconds = time.perf_counter() - t0
-    if done.returncode not in (0, 1):
-        sys.exit(f"{' '.join(args)} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
-    cache = Path(yaml.safe_load(config.read_text())["cache_dir"])
-    stages = json.loads((cache / "last_run.json").read_text())["stages"]
-
-    def metrics(stage: str) -> dict:
-        return json.loads((cache / stage / stages[stage]["key"] / "metrics.json").read_text())
-
-    return metrics("distill"), metrics("validate"), seconds
+    done = run_cached(config, overrides, until=until, gates_fail=True)
+    return done.metrics("distill"), done.metrics("validate"), done.wall
 
 
 def row(label: str, distill: dict, validate: dict) -> dict[str, object]:
@@ -84,7 +57,7 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def part_datafree(work: Path) -> None:
-    config = prepare(ROOT / "configs" / "data-free.yaml", work / "datafree")
+    config = work_copy(ROOT / "configs" / "data-free.yaml", work / "datafree", rows=False)
     free, free_val, seconds = run(config, {})  # the whole pipeline: export, parity, benchmark, gates
     report = json.loads((work / "datafree" / "out" / "report.json").read_text())
     print(f"  data-free run: {seconds:.0f} s wall-clock", file=sys.stderr, flush=True)

@@ -20,17 +20,15 @@ The epoch of every student is chosen on the validation split; test top-1 is only
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from cached_runs import run_cached, work_copy
 
 ROOT = Path(__file__).resolve().parent.parent
-KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]  # the console script of this interpreter's install
+
 
 #: (row label, --set overrides); every row trains exactly one method (compare: [])
 DEMO_ROWS = [
@@ -56,39 +54,14 @@ FULL_ROWS = [
 NOT_DISTILLED = {"scratch", "zipf_ls"}  # no teacher: baselines, never "best distilled"
 
 
-def prepare(config: Path, work: Path) -> Path:
-    """A copy of ``config`` in ``work`` with its cache and outputs there (every row shares the cache)."""
-    work.mkdir(parents=True, exist_ok=True)
-    conf = yaml.safe_load(config.read_text())
-    conf.setdefault("distill", {})["compare"] = []
-    conf.pop("gates", None)  # rows are measurements, not release candidates
-    conf["cache_dir"] = str(work / "cache")
-    conf["output_dir"] = str(work / "out")
-    path = work / config.name
-    path.write_text(yaml.safe_dump(conf, sort_keys=False))
-    return path
-
-
 def run_row(config: Path, overrides: dict[str, object], seed: int) -> dict[str, float]:
     """Train (or find cached) one row: val top-1 from the distill stage (the selected epoch), test top-1 from
     the validate stage."""
-    sets = {**overrides, "distill.train.seed": seed}
-    args = [*KDPIPE, "run", "-c", str(config), "--until", "validate", "--no-progress"]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    done = subprocess.run(args, cwd=config.parent, text=True, capture_output=True)
-    if done.returncode != 0:
-        sys.exit(f"row {sets} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
-    cache = Path(yaml.safe_load(config.read_text())["cache_dir"])
-    stages = json.loads((cache / "last_run.json").read_text())["stages"]
-
-    def metrics(stage: str) -> dict:
-        return json.loads((cache / stage / stages[stage]["key"] / "metrics.json").read_text())
-
-    distill = metrics("distill")
+    run = run_cached(config, {**overrides, "distill.train.seed": seed})
+    distill = run.metrics("distill")
     return {
         "val": 100 * distill["best_val_top1"],
-        "test": 100 * metrics("validate")["student"]["top1"],
+        "test": 100 * run.metrics("validate")["student"]["top1"],
         "seconds": distill["seconds"],
     }
 
@@ -106,7 +79,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 
 
 def part_demo(work: Path) -> None:
-    config = prepare(ROOT / "pipeline.yaml", work / "demo")
+    config = work_copy(ROOT / "pipeline.yaml", work / "demo")
     results = {}
     for label, overrides in DEMO_ROWS:
         results[label] = [run_row(config, overrides, seed=0)]
@@ -118,7 +91,7 @@ def part_demo(work: Path) -> None:
 
 
 def part_full(work: Path) -> None:
-    config = prepare(ROOT / "configs" / "fashion-mnist.yaml", work / "full")
+    config = work_copy(ROOT / "configs" / "fashion-mnist.yaml", work / "full")
     rows = dict(FULL_ROWS)
     results = {}
     for label, overrides in FULL_ROWS:

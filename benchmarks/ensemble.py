@@ -20,72 +20,49 @@ and the ensemble's test top-1, the students' table, the ensemble student's parit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from cached_runs import run_cached, work_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "ensemble.yaml"
-KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]  # the console script of this interpreter's install
 SEEDS = (0, 1, 2)
 
 
 def prepare(work: Path) -> tuple[Path, dict[str, Path]]:
     """Copies of the ensemble config and of one single-teacher config per teacher in ``work``, every one with its
     cache there (shared) and outputs of its own."""
-    work.mkdir(parents=True, exist_ok=True)
     conf = yaml.safe_load(CONFIG.read_text())
-    conf["cache_dir"] = str(work / "cache")
-    conf["output_dir"] = str(work / "out-ensemble")
-    ensemble = work / "ensemble.yaml"
-    ensemble.write_text(yaml.safe_dump(conf, sort_keys=False))
+    ensemble = work_copy(conf, work, "ensemble.yaml", rows=False, outputs="out-ensemble")
     singles = {}
     for member in conf["teachers"]:
         name = member["name"]
         single = {k: v for k, v in conf.items() if k not in ("teachers", "gates")}
         single["teacher"] = {k: v for k, v in member.items() if k not in ("name", "weight")}
-        single["output_dir"] = str(work / f"out-{name}")
-        singles[name] = work / f"single-{name}.yaml"
-        singles[name].write_text(yaml.safe_dump(single, sort_keys=False))
+        singles[name] = work_copy(single, work, f"single-{name}.yaml", rows=False, outputs=f"out-{name}")
     return ensemble, singles
 
 
 def run_row(config: Path, seed: int, whole: bool = False) -> dict:
     """Train (or find cached) one student: val top-1 from the distill stage (the selected epoch), test top-1 from
     the validate stage; ``whole`` runs every stage with the config's gates (exit 1 is a failed gate, reported)."""
-    args = [*KDPIPE, "run", "-c", str(config), "--no-progress", "--set", f"distill.train.seed={seed}"]
-    if not whole:
-        args += ["--until", "validate"]
-    t0 = time.perf_counter()
-    done = subprocess.run(args, cwd=config.parent, text=True, capture_output=True)
-    if done.returncode not in (0, 1) or (done.returncode == 1 and not whole):
-        sys.exit(f"{config.name} seed {seed} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
-    conf = yaml.safe_load(config.read_text())
-    cache = Path(conf["cache_dir"])
-    stages = json.loads((cache / "last_run.json").read_text())["stages"]
-
-    def metrics(stage: str) -> dict:
-        info = stages[stage]
-        return json.loads((cache / info.get("stage", stage) / info["key"] / "metrics.json").read_text())
-
-    validate = metrics("validate")
+    run = run_cached(config, {"distill.train.seed": seed}, until=None if whole else "validate", gates_fail=whole)
+    validate, distill = run.metrics("validate"), run.metrics("distill")
     row = {
-        "val": 100 * metrics("distill")["best_val_top1"],
+        "val": 100 * distill["best_val_top1"],
         "test": 100 * validate["student"]["top1"],
-        "seconds": metrics("distill")["seconds"],
-        "wall": time.perf_counter() - t0,
+        "seconds": distill["seconds"],
+        "wall": run.wall,
         "teacher_test": 100 * validate["teacher"]["top1"],
         "teachers_test": {n: 100 * v["top1"] for n, v in (validate.get("teachers") or {}).items()},
     }
     if whole:
-        report = json.loads((Path(conf["output_dir"]) / "report.json").read_text())
-        row["report"] = report
+        row["report"] = run.report()
     return row
 
 

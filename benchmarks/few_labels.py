@@ -22,17 +22,15 @@ ones, in test top-1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
+from cached_runs import run_cached, work_copy
 
 ROOT = Path(__file__).resolve().parent.parent
-KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]  # the console script of this interpreter's install
+
 ALL_LABELS = {"data.labels_per_class": "null"}
 #: (row label, --set overrides); every row trains exactly one method (compare: [])
 ROWS = [
@@ -48,39 +46,15 @@ DISTILLED = ("kd", "simkd")
 GAIN_TARGET, GAP_TARGET = 8.0, 3.0
 
 
-def prepare(config: Path, work: Path) -> Path:
-    """A copy of ``config`` in ``work`` with its cache and outputs there (every row shares the cache)."""
-    work.mkdir(parents=True, exist_ok=True)
-    conf = yaml.safe_load(config.read_text())
-    conf.setdefault("distill", {})["compare"] = []
-    conf.pop("gates", None)  # rows are measurements, not release candidates
-    conf["cache_dir"] = str(work / "cache")
-    conf["output_dir"] = str(work / "out")
-    path = work / config.name
-    path.write_text(yaml.safe_dump(conf, sort_keys=False))
-    return path
-
-
 def run_row(config: Path, overrides: dict[str, object]) -> dict[str, float]:
     """Train (or find cached) one row: val top-1 from the distill stage (the selected epoch), test top-1 from the
     validate stage, and how many training images had labels."""
-    args = [*KDPIPE, "run", "-c", str(config), "--until", "validate", "--no-progress"]
-    for key, value in overrides.items():
-        args += ["--set", f"{key}={value}"]
-    done = subprocess.run(args, cwd=config.parent, text=True, capture_output=True)
-    if done.returncode != 0:
-        sys.exit(f"row {overrides} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
-    cache = Path(yaml.safe_load(config.read_text())["cache_dir"])
-    stages = json.loads((cache / "last_run.json").read_text())["stages"]
-
-    def metrics(stage: str) -> dict:
-        return json.loads((cache / stage / stages[stage]["key"] / "metrics.json").read_text())
-
-    distill = metrics("distill")
+    run = run_cached(config, overrides)
+    distill = run.metrics("distill")
     labels = distill.get("labels") or {"labeled_images": distill["training_data"]["real_training_images"]}
     return {
         "val": 100 * distill["best_val_top1"],
-        "test": 100 * metrics("validate")["student"]["top1"],
+        "test": 100 * run.metrics("validate")["student"]["top1"],
         "labeled": labels["labeled_images"],
         "unlabeled": labels.get("unlabeled_images", 0),
         "seconds": distill["seconds"],
@@ -106,7 +80,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=default, help="cache and outputs of every row (kept: resumes)")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    config = prepare(ROOT / "configs" / "few-labels.yaml", args.work.resolve())
+    config = work_copy(ROOT / "configs" / "few-labels.yaml", args.work.resolve())
     results = {}
     for label, overrides in ROWS:
         results[label] = run_row(config, overrides)
