@@ -394,8 +394,8 @@ def check_crd_memory(cfg: LoadedConfig) -> None:
     must hold more than that. Sized from the config (and an image dataset's file list); WebDataset shards are only
     counted when the distill stage lists them, and its CRD build makes the same check."""
     distill = cfg.config.distill
-    if not {"crd", "crd_kd"} & {distill.method, *distill.compare}:
-        return
+    if not {"crd", "crd_kd"} & {distill.method, *distill.compare} or distill.data == "synthetic":
+        return  # with generated images CRD is refused for its own reason (they have no lasting identity)
     shape = data_shape(cfg)
     if shape is None or not shape.train_images:
         return

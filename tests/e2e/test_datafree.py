@@ -79,6 +79,7 @@ def test_data_free_run_exports_and_reports_zero_real_images(project, capsys):
         ({"distill": {"method": "scratch"}}, ("distill.method", "scratch", "synthetic")),
         ({"distill": {"compare": ["scratch"]}}, ("distill.compare", "scratch")),
         ({"distill": {"method": "crd", "crd": {"negatives": 8}}}, ("distill.method", "crd", "identity")),
+        ({"distill": {"compare": ["crd_kd"]}}, ("distill.compare", "crd_kd", "identity")),  # not "more negatives"
         ({"runtime": {"nproc": 2}}, ("runtime.nproc",)),
         ({"export": {"variants": ["qad_int8"]}}, ("export.variants", "qad_int8", "synthetic")),
         (
