@@ -36,7 +36,7 @@ DEMO_ROWS = [
     ("zipf_ls", {"distill.method": "zipf_ls"}),
     ("kd", {"distill.method": "kd"}),
     ("dkd", {"distill.method": "dkd"}),
-    ("crd", {"distill.method": "crd"}),
+    ("crd", {"distill.method": "crd", "distill.crd.negatives": 4096}),  # the demo trains on 15,000 images
     ("simkd (paper)", {"distill.method": "simkd", "distill.simkd.preset": "paper"}),
     ("simkd (preset short)", {"distill.method": "simkd", "distill.simkd.preset": "short"}),
 ]
