@@ -14,7 +14,7 @@ The epoch of every student is chosen on the validation split; test top-1 is only
 and the ensemble's test top-1, the students' table, the ensemble student's parity and gates, then, last,
 ``ensemble gain = Y pp`` (ensemble student minus best single-teacher student, test top-1, mean of the 3 seeds).
 
-    python benchmarks/ensemble.py [--work DIR]
+    python benchmarks/ensemble.py [--work DIR] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ def prepare(work: Path) -> tuple[Path, dict[str, Path]]:
     return ensemble, singles
 
 
-def run_row(config: Path, seed: int, whole: bool = False) -> dict:
+def run_row(config: Path, seed: int, whole: bool = False, extra: dict[str, str] | None = None) -> dict:
     """Train (or find cached) one student: val top-1 from the distill stage (the selected epoch), test top-1 from
-    the validate stage; ``whole`` runs every stage with the config's gates (exit 1 is a failed gate, reported)."""
-    run = run_cached(config, {"distill.train.seed": seed}, until=None if whole else "validate", gates_fail=whole)
+    the validate stage; ``whole`` runs every stage with the config's gates (exit 1 is a failed gate, reported).
+    ``extra``: ``--set`` overrides of every row (the same recipe change for the single and ensemble students)."""
+    overrides = {**(extra or {}), "distill.train.seed": seed}
+    run = run_cached(config, overrides, until=None if whole else "validate", gates_fail=whole)
     validate, distill = run.metrics("validate"), run.metrics("distill")
     row = {
         "val": 100 * distill["best_val_top1"],
@@ -70,7 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdpipe" / "bench-ensemble"
     parser.add_argument("--work", type=Path, default=default, help="cache and outputs of every row (kept: resumes)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="also override this in every row, e.g. distill.method=simkd")  # fmt: skip
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.extra if "=" in item)
+    if len(extra) != len(args.extra):
+        parser.error("--set takes KEY=VALUE")
     started = time.perf_counter()
     ensemble, singles = prepare(args.work.resolve())
 
@@ -79,21 +86,22 @@ def main() -> None:
 
     single: dict[str, list[dict]] = {}
     for name, config in singles.items():
-        single[name] = [run_row(config, 0)]
+        single[name] = [run_row(config, 0, extra=extra)]
         say(f"single {name} seed 0: val {single[name][0]['val']:.2f}%, test {single[name][0]['test']:.2f}%")
     best = max(single, key=lambda n: single[n][0]["val"])
     for seed in SEEDS[1:]:
-        single[best].append(run_row(singles[best], seed))
+        single[best].append(run_row(singles[best], seed, extra=extra))
         say(f"single {best} seed {seed}: test {single[best][-1]['test']:.2f}%")
     both: list[dict] = []
     for seed in SEEDS:
-        both.append(run_row(ensemble, seed, whole=seed == 0))
+        both.append(run_row(ensemble, seed, whole=seed == 0, extra=extra))
         say(f"ensemble seed {seed}: val {both[-1]['val']:.2f}%, test {both[-1]['test']:.2f}%")
 
     teachers = both[0]["teachers_test"]
     print("teachers (test top-1): " + ", ".join(f"{n} {v:.2f}%" for n, v in teachers.items())
           + f"; their ensemble (mean logits) {both[0]['teacher_test']:.2f}%")  # fmt: skip
-    print("| student (resnet8, configs/ensemble.yaml's recipe) | seed | val top-1 | test top-1 | train s |")
+    recipe = "configs/ensemble.yaml's recipe" + "".join(f", {k}={v}" for k, v in extra.items())
+    print(f"| student (resnet8, {recipe}) | seed | val top-1 | test top-1 | train s |")
     print("|---|---|---|---|---|")
     for name, rows in single.items():
         for seed, r in zip(SEEDS, rows, strict=False):
