@@ -68,16 +68,22 @@ def run_row(config: Path, seed: int, whole: bool = False, extra: dict[str, str] 
     return row
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` as given to ``kdpipe run --set``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdpipe" / "bench-ensemble"
     parser.add_argument("--work", type=Path, default=default, help="cache and outputs of every row (kept: resumes)")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="also override this in every row, e.g. distill.method=simkd")  # fmt: skip
     args = parser.parse_args()
-    extra = dict(item.split("=", 1) for item in args.extra if "=" in item)
-    if len(extra) != len(args.extra):
-        parser.error("--set takes KEY=VALUE")
+    extra = dict(args.extra)
     started = time.perf_counter()
     ensemble, singles = prepare(args.work.resolve())
 
