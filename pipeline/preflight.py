@@ -237,11 +237,11 @@ def _check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
     import torch
 
     from kdpipe.ml.models.entrypoints import model_label, resolve_model_name
-    from kdpipe.ml.models.loading import check_fits, load_script
+    from kdpipe.ml.models.loading import check_fits, load_script, model_build_errors
     from kdpipe.ml.models.model_fit import DataFit
     from kdpipe.ml.models.split import split_model
     from kdpipe.ml.models.teacher_build import build_teacher, teacher_arch
-    from kdpipe.ml.models.zoo import UnknownNameError, create_model
+    from kdpipe.ml.models.zoo import create_model
     from kdpipe.stages.distillers import DISTILLERS, DataInfo, TeacherParts
 
     conf = cfg.config
@@ -273,24 +273,14 @@ def _check_models(cfg: LoadedConfig, stale: set[str], sizing: Sizing) -> None:
     classes, channels = (shape.classes, shape.channels) if shape else (2, 1)
     size = (shape.height if shape.height == shape.width else (shape.height, shape.width)) if shape else None
     for role, key, name, kwargs in names:
-        try:
+        # the stage would fail the same way, after the stages before it
+        with model_build_errors(key, cfg.source, model_label(name), channels, classes, placeholder=shape is None):
             if role == "teacher" and fit and "teacher" in stale:  # as the stage will: weights loaded, checked
                 built[role] = build_teacher(cfg, fit.classes, (fit.channels, fit.height, fit.width)).model
             else:
                 built[role] = create_model(
                     name, num_classes=classes, in_channels=channels, image_size=size, kwargs=kwargs
                 )
-        except UnknownNameError as exc:
-            raise ConfigError(key, str(exc), cfg.source) from None
-        except UsageError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(key, str(exc), cfg.source) from None
-        except Exception as exc:  # the stage would fail the same way, after the stages before it
-            if shape is None:
-                continue  # built for placeholder classes/channels: only the name was being checked
-            message = f"{model_label(name)} cannot be built for {channels}-channel images of {classes} classes"
-            raise ConfigError(key, f"{message}: {describe(exc, limit=200)}", cfg.source) from None
     sizing.models = built
     if shape is None or fit is None:
         return  # the feature map's shape depends on data only the stages read

@@ -293,25 +293,18 @@ def check_student_fits(ctx: StageContext, input_shape: tuple[int, ...], classes:
     training. The preflight tries this when the config tells the data's shape; where only the data does (WebDataset
     shards), this is the first chance, as the teacher stage's is for the teacher."""
     from kdpipe.ml.models.entrypoints import model_label, resolve_model_name
-    from kdpipe.ml.models.loading import check_fits
+    from kdpipe.ml.models.loading import check_fits, model_build_errors
     from kdpipe.ml.models.model_fit import DataFit
-    from kdpipe.ml.models.zoo import UnknownNameError, create_model
+    from kdpipe.ml.models.zoo import create_model
 
     cfg, conf = ctx.cfg, ctx.cfg.config.distill
     fit = DataFit.of(cfg.config.data, input_shape, classes)
-    try:
+    with model_build_errors("distill.student", cfg.source, model_label(conf.student), fit.channels, classes):
         name = resolve_model_name(conf.student, cfg.base)
         size = fit.height if fit.height == fit.width else (fit.height, fit.width)
         model = create_model(
             name, num_classes=classes, in_channels=fit.channels, image_size=size, kwargs=conf.student_kwargs
         )
-    except ConfigError:
-        raise
-    except (UnknownNameError, UsageError) as exc:
-        raise ConfigError("distill.student", str(exc), cfg.source) from None
-    except Exception as exc:  # a constructor that cannot take these images or classes
-        message = f"{model_label(conf.student)} cannot be built for {fit.channels}-channel images of {classes} classes"
-        raise ConfigError("distill.student", f"{message}: {type(exc).__name__}: {exc}"[:300], cfg.source) from None
     check_fits(model, model_label(name), fit, "distill.student", cfg.source, name)
 
 

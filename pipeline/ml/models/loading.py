@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdpipe.errors import ConfigError, first_line
+from kdpipe.errors import ConfigError, UsageError, describe, first_line
 from kdpipe.ml.data.memory import Dataset, Splits
 from kdpipe.ml.models.model_fit import DataFit, builder_hints, checkpoint_problem, fit_problem
 from kdpipe.ml.models.preprocessing import with_adapter
 from kdpipe.ml.models.weights import load_weights, save_weights  # noqa: F401 - save_weights re-exported
-from kdpipe.ml.models.zoo import GrayToRGB, count_parameters, create_model  # noqa: F401 - re-exported
+from kdpipe.ml.models.zoo import GrayToRGB, UnknownNameError, count_parameters, create_model  # noqa: F401 - re-exported
 
 TEACHER_STATE = "teacher.pt"  # teachers committed before safetensors (spec without "weights")
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -138,6 +140,27 @@ def load_script(path: Path, key: str, source: str) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ConfigError(key, f"{path.name} is not a TorchScript file ({first_line(exc, 120)})", source) from None
+
+
+@contextmanager
+def model_build_errors(
+    key: str, source: str, label: str, channels: int, classes: int, *, placeholder: bool = False
+) -> Iterator[None]:
+    """Building a model for the data's images and classes: a name that does not resolve, or a constructor that
+    cannot take them, is bad input at ``key`` in one line (the preflight and the stages say the same).
+    ``placeholder``: the model was built for stand-in channels and classes (the data's are not known yet), so only
+    the name was being checked and a constructor's failure is no error (the block is left, nothing is raised)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (UnknownNameError, UsageError) as exc:
+        raise ConfigError(key, str(exc), source) from None
+    except Exception as exc:  # a constructor that cannot take these images or classes
+        if placeholder:
+            return
+        message = f"{label} cannot be built for {channels}-channel images of {classes} classes"
+        raise ConfigError(key, f"{message}: {describe(exc, limit=200)}", source) from None
 
 
 def check_fits(model: nn.Module, label: str, fit: DataFit, key: str, source: str, builder: str = "") -> None:
