@@ -1,9 +1,9 @@
 """Several teachers against the best one: the ensemble student vs the best single-teacher student, same recipe.
 
-``configs/ensemble.yaml``: Fashion-MNIST, a ResNet-8 student, three teachers (the shipped wrn_16_2, and resnet20
-and mobilenetv2 trained here by their recipes in that file, cached). Every row is a cached ``kdpipe run`` in the
-work folder, so an interrupted run resumes where it stopped; the teachers and their features are shared by every
-row (a teacher's cache entry is the same whether it is one of several or alone):
+``configs/ensemble.yaml`` (or ``--config``): Fashion-MNIST, a ResNet-8 student, several teachers trained here by
+their recipes in that file (or loaded), cached. Every row is a cached ``kdpipe run`` in the work folder, so an
+interrupted run resumes where it stopped; the teachers and their features are shared by every row (a teacher's
+cache entry is the same whether it is one of several or alone):
 
 1. a single-teacher student of each teacher (that teacher as ``teacher:``, everything else as the config), seed 0;
 2. the best of them on *validation* top-1, seeds 1 and 2;
@@ -14,7 +14,7 @@ The epoch of every student is chosen on the validation split; test top-1 is only
 and the ensemble's test top-1, the students' table, the ensemble student's parity and gates, then, last,
 ``ensemble gain = Y pp`` (ensemble student minus best single-teacher student, test top-1, mean of the 3 seeds).
 
-    python benchmarks/ensemble.py [--work DIR] [--set KEY=VALUE ...]
+    python benchmarks/ensemble.py [--config FILE] [--work DIR] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ CONFIG = ROOT / "configs" / "ensemble.yaml"
 SEEDS = (0, 1, 2)
 
 
-def prepare(work: Path) -> tuple[Path, dict[str, Path]]:
+def prepare(config: Path, work: Path) -> tuple[Path, dict[str, Path]]:
     """Copies of the ensemble config and of one single-teacher config per teacher in ``work``, every one with its
-    cache there (shared) and outputs of its own."""
-    conf = yaml.safe_load(CONFIG.read_text())
-    ensemble = work_copy(conf, work, "ensemble.yaml", rows=False, outputs="out-ensemble")
+    cache there (shared) and outputs of its own (named after the config, so several configs can share ``work``)."""
+    conf = yaml.safe_load(config.read_text())
+    stem = config.stem
+    ensemble = work_copy(conf, work, f"{stem}.yaml", rows=False, outputs=f"out-{stem}")
     singles = {}
     for member in conf["teachers"]:
         name = member["name"]
         single = {k: v for k, v in conf.items() if k not in ("teachers", "gates")}
         single["teacher"] = {k: v for k, v in member.items() if k not in ("name", "weight")}
-        singles[name] = work_copy(single, work, f"single-{name}.yaml", rows=False, outputs=f"out-{name}")
+        singles[name] = work_copy(single, work, f"{stem}-single-{name}.yaml", rows=False, outputs=f"out-{stem}-{name}")
     return ensemble, singles
 
 
@@ -79,13 +80,14 @@ def key_value(text: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdpipe" / "bench-ensemble"
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the ensemble config (default %(default)s)")
     parser.add_argument("--work", type=Path, default=default, help="cache and outputs of every row (kept: resumes)")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="also override this in every row, e.g. distill.method=simkd")  # fmt: skip
     args = parser.parse_args()
     extra = dict(args.extra)
     started = time.perf_counter()
-    ensemble, singles = prepare(args.work.resolve())
+    ensemble, singles = prepare(args.config.resolve(), args.work.resolve())
 
     def say(text: str) -> None:
         print(f"  [{(time.perf_counter() - started) / 60:5.1f} min] {text}", file=sys.stderr, flush=True)
@@ -106,7 +108,7 @@ def main() -> None:
     teachers = both[0]["teachers_test"]
     print("teachers (test top-1): " + ", ".join(f"{n} {v:.2f}%" for n, v in teachers.items())
           + f"; their ensemble (mean logits) {both[0]['teacher_test']:.2f}%")  # fmt: skip
-    recipe = "configs/ensemble.yaml's recipe" + "".join(f", {k}={v}" for k, v in extra.items())
+    recipe = f"{args.config.name}'s recipe" + "".join(f", {k}={v}" for k, v in extra.items())
     print(f"| student (resnet8, {recipe}) | seed | val top-1 | test top-1 | train s |")
     print("|---|---|---|---|---|")
     for name, rows in single.items():
@@ -114,7 +116,7 @@ def main() -> None:
             mark = " (best on val)" if name == best else ""
             print(f"| teacher {name} alone{mark} | {seed} | {r['val']:.2f}% | {r['test']:.2f}% | {r['seconds']:.0f} |")
     for seed, r in zip(SEEDS, both, strict=True):
-        print(f"| all three teachers | {seed} | {r['val']:.2f}% | {r['test']:.2f}% | {r['seconds']:.0f} |")
+        print(f"| all {len(singles)} teachers | {seed} | {r['val']:.2f}% | {r['test']:.2f}% | {r['seconds']:.0f} |")
     gains = [e["test"] - s["test"] for e, s in zip(both, single[best], strict=True)]
     print("per seed, ensemble - best single (pp): " + ", ".join(f"{g:+.2f}" for g in gains)
           + f"; ahead on every seed: {'yes' if all(g > 0 for g in gains) else 'no'}")  # fmt: skip
