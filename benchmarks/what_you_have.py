@@ -53,7 +53,7 @@ def main() -> int:
         thread.start()
         running[part] = (proc, thread)
     codes = []
-    for part, (proc, thread) in running.items():  # few-labels first: the last line is the ensemble's gain
+    for proc, thread in running.values():  # few-labels first: the last line is the ensemble's gain
         out = proc.stdout.read()
         codes.append(proc.wait())
         thread.join()
