@@ -8,6 +8,7 @@ the teacher and its features and an interrupted script resumes where it stopped)
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -39,6 +40,15 @@ def work_copy(
     path = work / (name or Path(str(config)).name)
     path.write_text(yaml.safe_dump(conf, sort_keys=False))
     return path
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """An argparse ``type`` for a script's ``--set``: ``KEY=VALUE`` as ``kdpipe run --set`` takes it, refused when the
+    script starts rather than after the rows before it have run."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 @dataclass

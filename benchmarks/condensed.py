@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from cached_runs import key_value
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "condensed.yaml"
 EPOCH_IMAGES = 2000  # transfer_repeats = EPOCH_IMAGES / (N x classes): the same epoch length for every N
@@ -110,10 +112,11 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=32, help="Width of DM's random ConvNets.")
     parser.add_argument("--real-batch", type=int, default=32, help="DM's real images per class per iteration.")
     parser.add_argument("--lr", type=float, default=4.0, help="DM's learning rate of the pixels.")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="Also override this in every training run (e.g. distill.train.epochs=20).")  # fmt: skip
     parser.add_argument("--work", type=Path, help="Where sets and runs are kept.")
     args = parser.parse_args()
+    extra = [f"{key}={value}" for key, value in args.extra]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     work = (args.work or cache / "kdpipe" / "condensed").resolve()
     if len(args.iterations) not in (1, len(args.per_class)):
@@ -126,7 +129,7 @@ def main() -> int:
     for n in args.per_class:
         dm = {"iterations": iterations[n], "width": args.width, "real_batch": args.real_batch, "lr": args.lr}
         seconds = make_set(work / f"dm-{n}", n, 0, dm)
-        found = train(work, f"dm-{n}", work / f"dm-{n}", n, classes, args.method, args.extra)
+        found = train(work, f"dm-{n}", work / f"dm-{n}", n, classes, args.method, extra)
         top[("dm", n)] = found["test"]
         name = f"condensed-{n} (DM, {iterations[n]} iterations: {seconds:.0f} s)"
         rows.append((name, str(n * classes), f"{100 * found['val']:.2f}", f"{100 * found['test']:.2f}", "1",
@@ -135,7 +138,7 @@ def main() -> int:
         for seed in args.seeds:
             make_set(work / f"random-{n}" / f"s{seed}", n, seed, None)
             folder = work / f"random-{n}" / f"s{seed}"
-            found = train(work, f"random-{n}-s{seed}", folder, n, classes, args.method, args.extra)
+            found = train(work, f"random-{n}-s{seed}", folder, n, classes, args.method, extra)
             vals.append(found["val"])
             tests.append(found["test"])
             took.append(found["seconds"])

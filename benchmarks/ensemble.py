@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
-from cached_runs import run_cached, work_copy
+from cached_runs import key_value, run_cached, work_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "ensemble.yaml"
@@ -67,14 +67,6 @@ def run_row(config: Path, seed: int, whole: bool = False, extra: dict[str, str] 
     if whole:
         row["report"] = run.report()
     return row
-
-
-def key_value(text: str) -> tuple[str, str]:
-    """``KEY=VALUE`` as given to ``kdpipe run --set``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key, value
 
 
 def main() -> None:
