@@ -222,8 +222,7 @@ class ExportStage(Stage):
         n = ctx.conf.bundle_samples
         images = np.ascontiguousarray(head[:n], dtype=np.float32)
         expected = {
-            name: sample_outputs(str(ctx.out_dir / info["file"]), images, threads=1)
-            for name, info in out["models"].items()
+            name: sample_outputs(str(ctx.out_dir / info["file"]), images) for name, info in out["models"].items()
         }
         np.savez(
             ctx.out_dir / SAMPLES, images=images, labels=labels[:n], **{f"expected_{k}": v for k, v in expected.items()}

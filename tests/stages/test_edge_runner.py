@@ -219,7 +219,7 @@ def test_tuned_session_beside_the_model_is_applied(bundle: Path, monkeypatch: py
     real = ort.InferenceSession
 
     def spy(path: str, sess_options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-        opened[Path(path).name] = sess_options
+        opened.setdefault(Path(path).name, sess_options)  # the timing cells open first; the samples check last
         return real(path, sess_options=sess_options, providers=providers)
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
@@ -262,3 +262,24 @@ def test_tuned_session_round_trip(bundle: Path) -> None:
     doc = edge_runner.run_spec(write_spec(bundle), isolate=False)
     chosen = {k: v for k, v in tuned["session"].items() if k != "provider"}
     assert all(r["session"] == chosen for r in doc["results"] if r["model"] == "student")
+
+
+def test_samples_check_ignores_the_spec_threads_and_tuned_sessions(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The expected logits were computed on one thread with default options (the export stage calls the same
+    ``sample_outputs``); the check opens each model that way whatever the spec's threads or a tuned session say,
+    since another thread count or optimisation level may change the last bit of a sum."""
+    (bundle / "student.session.json").write_text(json.dumps(TUNED))
+    spec = edge_runner.load_spec(write_spec(bundle, threads=[3]))
+    opened: list[tuple[str, int, object]] = []
+    real = edge_runner.open_session
+
+    def spy(path: str, provider: str, threads: int, session: dict | None = None):
+        opened.append((Path(path).name, threads, session))
+        return real(path, provider, threads, session)
+
+    monkeypatch.setattr(edge_runner, "open_session", spy)
+    checks = edge_runner.check_samples(spec)
+    assert set(checks) == set(MODELS)
+    assert sorted(opened) == sorted((f"{m}.onnx", 1, None) for m in MODELS)
