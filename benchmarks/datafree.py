@@ -61,8 +61,10 @@ def part_datafree(work: Path) -> None:
     free, free_val, seconds = run(config, {})  # the whole pipeline: export, parity, benchmark, gates
     report = json.loads((work / "datafree" / "out" / "report.json").read_text())
     print(f"  data-free run: {seconds:.0f} s wall-clock", file=sys.stderr, flush=True)
-    # the same student, recipe and seed on every real training image; the teacher's features cached once
-    real_sets = {"distill.data": "real", "features.enabled": "true", "features.views": 1}
+    # the same student, recipe and seed on every real training image, for as many images as the data-free student
+    # drew from its generator (whole epochs of the real split, at least one); the teacher's features cached once
+    real_sets = {"distill.data": "real", "features.enabled": "true", "features.views": 1,
+                 "distill.train.epochs": real_epochs(config)}  # fmt: skip
     real, real_val, real_seconds = run(config, real_sets, until="validate")
     print(f"  real-data kd run: {real_seconds:.0f} s wall-clock", file=sys.stderr, flush=True)
     rows = [row("kd, data-free (synthetic)", free, free_val), row("kd, all real training images", real, real_val)]
@@ -78,6 +80,19 @@ def part_datafree(work: Path) -> None:
     teacher = validate_teacher_top1(free_val)
     print(f"teacher top-1 = {100 * teacher:.2f}%")
     print(f"data-free top-1 = {100 * free_val['student']['top1']:.2f}%")
+
+
+def real_epochs(config: Path) -> int:
+    """Epochs of the real training split that show the student as many images as the data-free run's batches did
+    (``epochs x datafree.steps_per_epoch x batch_size``), at least one."""
+    from kdpipe.config import load_config
+    from kdpipe.preflight import training_split_images
+
+    cfg = load_config(config)
+    train = cfg.config.distill.train
+    drawn = train.epochs * cfg.config.distill.datafree.steps_per_epoch * train.batch_size
+    split = training_split_images(cfg)
+    return train.epochs if split is None else max(1, round(drawn / split))
 
 
 def validate_teacher_top1(validate: dict) -> float:

@@ -386,11 +386,8 @@ def check_crd_memory(cfg: LoadedConfig) -> None:
     distill = cfg.config.distill
     if not {"crd", "crd_kd"} & {distill.method, *distill.compare} or distill.data == "synthetic":
         return  # with generated images CRD is refused for its own reason (they have no lasting identity)
-    shape = data_shape(cfg)
-    if shape is None or not shape.train_images:
-        return
-    images = _training_images(cfg, shape.train_images)
-    if distill.crd.negatives >= images:
+    images = training_split_images(cfg)
+    if images is not None and distill.crd.negatives >= images:
         raise ConfigError(
             "distill.crd.negatives",
             f"{distill.crd.negatives} negatives per image need more training images than that; the training split "
@@ -559,6 +556,13 @@ def _same_disk(a: Path, b: Path) -> bool:
         return os.stat(existing_ancestor(a)).st_dev == os.stat(existing_ancestor(b)).st_dev
     except OSError:
         return True
+
+
+def training_split_images(cfg: LoadedConfig) -> int | None:
+    """How many images the training split holds (``data.unlabeled``'s included), or None when only the data can
+    tell (the config does not size it)."""
+    shape = data_shape(cfg)
+    return _training_images(cfg, shape.train_images) if shape is not None and shape.train_images else None
 
 
 def _training_images(cfg: LoadedConfig, total: int) -> int:

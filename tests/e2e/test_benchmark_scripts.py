@@ -53,3 +53,22 @@ def test_a_failed_row_stops_the_script_with_the_runs_own_error(write_config, tmp
     with pytest.raises(SystemExit) as stop:
         run_cached(row, {"distill.method": "no_such_method"}, until="distill")
     assert "failed (exit 2)" in str(stop.value) and "no_such_method" in str(stop.value)
+
+
+def test_the_real_data_row_sees_as_many_images_as_the_data_free_student(write_config, benchmarks_on_path):
+    from datafree import real_epochs
+
+    from kdpipe.config import load_config
+    from kdpipe.preflight import training_split_images
+
+    def config(epochs: int, steps: int) -> Path:
+        datafree = {"steps_per_epoch": steps}
+        return write_config({"distill": {"data": "synthetic", "datafree": datafree, "train": {"epochs": epochs}}})
+
+    path = config(3, 40)
+    cfg = load_config(path)
+    split = training_split_images(cfg)
+    drawn = 3 * 40 * cfg.config.distill.train.batch_size
+    assert split and real_epochs(path) == max(1, round(drawn / split))
+    assert real_epochs(config(1, 1)) == 1  # fewer images than the split holds: one whole epoch
+    assert real_epochs(config(40, 400)) > real_epochs(config(4, 400))
