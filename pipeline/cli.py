@@ -350,13 +350,13 @@ def config_command(
 @click.option("--per-class", required=True, type=click.IntRange(min=1), help="Synthetic images per class (N).")
 @click.option("-o", "--output", type=click.Path(), help="New folder (<class>/<n>.png); default: data.transfer_set.")
 @click.option(
-    "--iterations", default=1200, show_default=True, type=click.IntRange(min=0),
+    "--iterations", default=2000, show_default=True, type=click.IntRange(min=0),
     help="Distribution-matching steps, a fresh random ConvNet each (the paper: 20,000); 0 keeps the random real "
     "images the set starts from (the baseline of the same size and seed).",
 )  # fmt: skip
-@click.option("--lr", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Learning rate of the synthetic pixels (SGD, momentum 0.5; normalised units).")  # fmt: skip
-@click.option("--real-batch", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--real-batch", default=128, show_default=True, type=click.IntRange(min=1),
               help="Real images per class per step (the paper: 256).")  # fmt: skip
 @click.option("--width", default=32, show_default=True, type=click.IntRange(min=1),
               help="Channels of the random ConvNets (the paper: 128; 3 blocks up to 32 px).")  # fmt: skip
