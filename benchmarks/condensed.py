@@ -19,7 +19,7 @@ what is there (a set is re-made only when its settings changed). Prints the tabl
 
     condensed-10 vs random-10 = <Y> pp
 
-    python benchmarks/condensed.py [--per-class 10 50] [--iterations 2000 2000] [--seeds 0 1 2] [--method scratch]
+    python benchmarks/condensed.py [--per-class 10 50] [--iterations 2000] [--seeds 0 1 2] [--method scratch]
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Random subsets' seeds.")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[2000, 2000], help="DM iterations, per N.")
+    parser.add_argument(
+        "--iterations", type=int, nargs="+", default=[2000], help="DM iterations: one for every N, or one per N."
+    )
     parser.add_argument("--method", choices=["scratch", "kd"], default="scratch", help="How every set is trained.")
     parser.add_argument("--width", type=int, default=32, help="Width of DM's random ConvNets.")
     parser.add_argument("--real-batch", type=int, default=128, help="DM's real images per class per iteration.")
