@@ -35,8 +35,11 @@ from pathlib import Path
 
 from cached_runs import key_value
 
+from kdpipe.ml.data.condense import DMSettings
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "condensed.yaml"
+DM = DMSettings(per_class=1)  # kdpipe condense's defaults (its command shares them: tests/unit/test_condense.py)
 EPOCH_IMAGES = 2000  # transfer_repeats = EPOCH_IMAGES / (N x classes): the same epoch length for every N
 WHOLE_SET = {"scratch": 0.9320, "kd": 0.9335}  # configs/fashion-mnist.yaml, seed 0 (README, "Accuracy benchmark")
 
@@ -108,12 +111,18 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Random subsets' seeds.")
     parser.add_argument(
-        "--iterations", type=int, nargs="+", default=[2000], help="DM iterations: one for every N, or one per N."
+        "--iterations",
+        type=int,
+        nargs="+",
+        default=[DM.iterations],
+        help="DM iterations: one for every N, or one per N.",
     )
     parser.add_argument("--method", choices=["scratch", "kd"], default="scratch", help="How every set is trained.")
-    parser.add_argument("--width", type=int, default=32, help="Width of DM's random ConvNets.")
-    parser.add_argument("--real-batch", type=int, default=128, help="DM's real images per class per iteration.")
-    parser.add_argument("--lr", type=float, default=1.0, help="DM's learning rate of the pixels.")
+    parser.add_argument("--width", type=int, default=DM.width, help="Width of DM's random ConvNets.")
+    parser.add_argument(
+        "--real-batch", type=int, default=DM.real_batch, help="DM's real images per class per iteration."
+    )
+    parser.add_argument("--lr", type=float, default=DM.lr, help="DM's learning rate of the pixels.")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="Also override this in every training run (e.g. distill.train.epochs=20).")  # fmt: skip
     parser.add_argument("--work", type=Path, help="Where sets and runs are kept.")
